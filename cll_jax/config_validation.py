@@ -1,0 +1,89 @@
+"""Checks a whole experiment config before anything runs.
+
+Every error names the offending field and value, so a typo on the command
+line (`--config.loss.p_end=0.7`) fails in a second, not after an epoch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from cll_jax import models
+
+LOSSES = ('cll', 'gloro', 'gloro_trades', 'crm', 'ce')
+_PATH_KWARGS = {'image_folder': 'root', 'tiny_imagenet': 'root'}
+
+
+def _fail(field: str, value, why: str):
+  raise ValueError(f'config.{field}={value!r}: {why}')
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    device_count: int | None = None) -> None:
+  """Raises ValueError naming the first invalid field."""
+  from cll_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  m, d, l, o, t, e = (config.model, config.data, config.loss,
+                      config.optimizer, config.train, config.eval)
+  if m.name not in models.ARCHITECTURES:
+    _fail('model.name', m.name,
+          f'unknown model; known: {sorted(models.ARCHITECTURES)}')
+  if m.activation not in models.ACTIVATIONS:
+    _fail('model.activation', m.activation,
+          f'known: {sorted(models.ACTIVATIONS)}')
+  if m.num_power_iterations < 0:
+    _fail('model.num_power_iterations', m.num_power_iterations, 'must be >= 0')
+  if m.get('input_std') is not None and min(m.input_std) <= 0:
+    _fail('model.input_std', m.input_std, 'must be > 0')
+  if d.name not in data_lib.DATASETS:
+    _fail('data.name', d.name, f'unknown dataset; known: '
+          f'{sorted(data_lib.DATASETS)}')
+  path_key = _PATH_KWARGS.get(d.name)
+  if path_key is not None:
+    root = d.kwargs.get(path_key)
+    if not root:
+      _fail(f'data.kwargs.{path_key}', root, f'{d.name} needs a path')
+    if not os.path.exists(os.path.expanduser(str(root))) and not d.kwargs.get(
+        'download', False):
+      _fail(f'data.kwargs.{path_key}', root, 'path does not exist')
+  if l.name not in LOSSES:
+    _fail('loss.name', l.name, f'known losses: {LOSSES}')
+  if not l.epsilon > 0:
+    _fail('loss.epsilon', l.epsilon, 'must be > 0')
+  if l.epsilon_schedule not in ('fixed', 'logarithmic'):
+    _fail('loss.epsilon_schedule', l.epsilon_schedule,
+          "must be 'fixed' or 'logarithmic'")
+  for key in ('p_start', 'p_end'):
+    if not 0 < l[key] < 0.5:
+      _fail(f'loss.{key}', l[key], 'slack p must lie in (0, 0.5)')
+  if l.get('delta') is not None and l.delta < 0:
+    _fail('loss.delta', l.delta, 'must be >= 0')
+  if l.lam < 0:
+    _fail('loss.lam', l.lam, 'must be >= 0')
+  if not l.lipschitz_scale_start > 0:
+    _fail('loss.lipschitz_scale_start', l.lipschitz_scale_start, 'must be > 0')
+  if l.name == 'crm':
+    if not l.crm_temperature > 0:
+      _fail('loss.crm_temperature', l.crm_temperature, 'must be > 0')
+    if l.crm_lambda < 0:
+      _fail('loss.crm_lambda', l.crm_lambda, 'must be >= 0')
+  if not o.learning_rate > 0:
+    _fail('optimizer.learning_rate', o.learning_rate, 'must be > 0')
+  if t.num_epochs < 1:
+    _fail('train.num_epochs', t.num_epochs, 'must be >= 1')
+  devices = jax.device_count() if device_count is None else device_count
+  for field, value in (('train.batch_size', t.batch_size),
+                       ('eval.batch_size', e.batch_size)):
+    if value < 1 or value % devices:
+      _fail(field, value,
+            f'must be a positive multiple of the device count {devices}')
+  for key in ('eval_every_epochs', 'converge_every_epochs',
+              'checkpoint_every_epochs', 'log_every_steps'):
+    if t[key] < 1:
+      _fail(f'train.{key}', t[key], 'must be >= 1')
+  if any(r <= 0 for r in e.radii):
+    _fail('eval.radii', e.radii, 'radii must be > 0')
+  if e.bound not in ('sound', 'power'):
+    _fail('eval.bound', e.bound, "must be 'sound' or 'power'")

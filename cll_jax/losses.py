@@ -1,0 +1,562 @@
+"""Lipschitz-margin losses: CLL (binary, multiclass), GloRo, TRADES, CRM.
+
+All losses are pure, jittable and differentiable, and return one value per
+example (no averaging inside), like `optax.losses`.
+
+Notation, shared by all functions:
+
+* `logits` f(x): `(B, N)` floats (binary CLL: `(B,)`).
+* `labels` y: `(B,)` integers in `[0, N)`.
+* `pairwise_lipschitz` K: `(N, N)` floats, `K[i, j]` an upper bound on the
+  Lipschitz constant (L2) of the logit difference `f_i - f_j`. It is symmetric
+  (the constant of `f_i - f_j` is that of `f_j - f_i`) with off-diagonal
+  entries > 0; the diagonal is never read (it is 0 for
+  `lipschitz.pairwise_lipschitz`). Row `K[y]` holds `K_{y,i}` = `K_{i,y}`.
+* `epsilon`, `p`, `delta` and the other hyper-parameters are scalars; they may
+  be traced (schedules pass them into jitted steps).
+
+Paper references: `CLL` = arXiv 2309.06166 (equation numbers of the main
+paper; "supp." for its supplement), `GloRo` = Leino et al. 2021, "Globally
+Robust Neural Networks", `CRM` = arXiv 2310.00116.
+
+Value checks (ranges, NaN/Inf, label range) run only on concrete inputs and
+are skipped under `jit`/`grad`; shape and dtype checks always run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cll_jax import _validation
+
+Array = jax.Array
+ArrayLike = Any  # jax.typing.ArrayLike: arrays and Python scalars.
+
+
+# ---------------------------------------------------------------------------
+# Input checks shared with `certify.py`.
+# ---------------------------------------------------------------------------
+
+
+def _check_scalar(name: str, x) -> None:
+  if jnp.ndim(x) != 0:
+    raise ValueError(f'{name} must be a scalar, got shape {jnp.shape(x)}')
+
+
+def _check_nonnegative(name: str, x) -> None:
+  """Raises if a concrete `x` has entries < 0 (or NaN); no-op under tracing."""
+  if _validation.is_concrete(x):
+    arr = np.asarray(x)
+    if not np.all(arr >= 0):
+      raise ValueError(f'{name} must be >= 0, got {arr.ravel()[:5].tolist()}')
+
+
+def _check_logits_2d(logits) -> int:
+  """Checks `(B, N)` float logits with N >= 2; returns N."""
+  _validation.check_ndim('logits', logits, 2)
+  _validation.check_floating('logits', logits)
+  num_classes = jnp.shape(logits)[1]
+  if num_classes < 2:
+    raise ValueError(
+        f'logits need at least 2 classes, got shape {jnp.shape(logits)}')
+  _validation.check_finite('logits', logits)
+  return num_classes
+
+
+def _check_labels(labels, batch_size: int, num_classes: int) -> None:
+  _validation.check_ndim('labels', labels, 1)
+  if jnp.shape(labels)[0] != batch_size:
+    raise ValueError(
+        f'labels must have shape ({batch_size},) to match the logits, got '
+        f'shape {jnp.shape(labels)}')
+  _validation.check_labels('labels', labels, num_classes)
+
+
+def _check_pairwise_lipschitz(k, num_classes: int) -> None:
+  """K is `(N, N)`, float, finite, symmetric, > 0 off the diagonal."""
+  if jnp.shape(k) != (num_classes, num_classes):
+    raise ValueError(
+        f'pairwise_lipschitz must have shape ({num_classes}, {num_classes}) '
+        f'to match the logits, got shape {jnp.shape(k)}')
+  _validation.check_floating('pairwise_lipschitz', k)
+  _validation.check_finite('pairwise_lipschitz', k)
+  if _validation.is_concrete(k):
+    arr = np.asarray(k, dtype=np.float64)
+    off = arr[~np.eye(num_classes, dtype=bool)]
+    if not np.all(off > 0):
+      raise ValueError(
+          f'pairwise_lipschitz must be > 0 off the diagonal, got values down '
+          f'to {off.min()}')
+    # K_ij bounds f_i - f_j and f_j - f_i alike; an asymmetric K signals a
+    # transposed or wrongly built matrix (rows are read as K_{y,i}).
+    asym = np.abs(arr - arr.T)
+    if np.any(asym > 1e-5 * np.maximum(np.abs(arr), np.abs(arr.T))):
+      raise ValueError(
+          f'pairwise_lipschitz must be symmetric, got |K - K^T| up to '
+          f'{asym.max()}')
+
+
+def _check_multiclass(logits, labels, pairwise_lipschitz) -> int:
+  num_classes = _check_logits_2d(logits)
+  _check_labels(labels, jnp.shape(logits)[0], num_classes)
+  _check_pairwise_lipschitz(pairwise_lipschitz, num_classes)
+  return num_classes
+
+
+def _check_epsilon_p_delta(epsilon, p, delta) -> None:
+  _check_scalar('epsilon', epsilon)
+  _validation.check_positive('epsilon', epsilon)
+  _check_scalar('p', p)
+  _validation.check_open_interval('p', p, 0.0, 0.5)
+  if delta is not None:
+    _check_scalar('delta', delta)
+    _check_nonnegative('delta', delta)
+
+
+def _gather_rows(k: Array, index: Array) -> Array:
+  """`(B, N)` rows `K[index_b, :]`, i.e. `K_{index_b, i}`."""
+  return jnp.take(k, index, axis=0)
+
+
+def _pairwise_differences(logits: Array, k: Array, index: Array):
+  """Logit gaps to class `index` and the matching K row, diagonal-safe.
+
+  Returns:
+    `(gap, k_row, is_index)`, all `(B, N)`: `gap_i = f_index - f_i`,
+    `k_row_i = K_{index,i}` with 1 (not the 0 diagonal) at `i == index` so
+    that callers can divide without producing Inf/NaN values or gradients,
+    and the boolean mask `i == index`.
+  """
+  num_classes = logits.shape[1]
+  is_index = jnp.arange(num_classes)[None, :] == index[:, None]
+  f_index = jnp.take_along_axis(logits, index[:, None], axis=1)
+  gap = f_index - logits
+  # The where selects a constant at the diagonal, so no gradient (and no 0/0)
+  # ever reaches K's diagonal entries.
+  k_row = jnp.where(is_index, 1.0, _gather_rows(k, index)).astype(
+      jnp.result_type(logits, k))
+  return gap, k_row, is_index
+
+
+def _label_nll(z: Array, labels: Array) -> Array:
+  r"""`-log softmax(z)_y`, accurate also when it is tiny.
+
+  Evaluated as `softplus(logsumexp_{i != y}(z_i - z_y))`: the usual
+  `-log_softmax(z)[y]` is `log(1 + small)` rounded at 1, which leaves a
+  relative error of ~1e-2 on a loss of ~1e-5 in float32 (well-fit examples,
+  small p); softplus = log1p(exp(.)) keeps full precision, and both
+  logsumexp and softplus are overflow-free.
+  """
+  num_classes = z.shape[-1]
+  is_label = jnp.arange(num_classes)[None, :] == labels[:, None]
+  z_label = jnp.take_along_axis(z, labels[:, None], axis=1)
+  others = jnp.where(is_label, -jnp.inf, z - z_label)
+  return jax.nn.softplus(jax.nn.logsumexp(others, axis=-1))
+
+
+# ---------------------------------------------------------------------------
+# CLL.
+# ---------------------------------------------------------------------------
+
+
+def calibrated_scale(epsilon: ArrayLike, p: ArrayLike) -> Array:
+  r"""Calibrated logistic scale sigma_eps(p) (CLL eq. 5).
+
+  .. math::
+    \sigma_\epsilon(p) = \frac{2 \epsilon}{h^{-1}(1-p) - h^{-1}(p)}
+                       = \frac{\epsilon}{\log(1-p) - \log p},
+
+  with the logit function `h^{-1}(p) = log(p / (1 - p))`: the logistic with
+  this scale puts probability `p` at `-epsilon` and `1 - p` at `+epsilon`
+  (supp. eq. 15). The second form is evaluated as `log1p(-p) - log(p)`: in
+  float32 `1 - p` rounds to 1 for p below ~6e-8, so the textbook form loses
+  all accuracy at the small p the paper anneals to (down to 1e-12..1e-15),
+  while `log1p` keeps full relative precision for every p in (0, 0.5).
+
+  Note on `p` in the official code: some of its experiments compute the width
+  as `logit(1 - p/2) - logit(p/2)`, i.e. its `p_code` is the total mass
+  outside the margin on both sides, and `p_paper = p_code / 2`. To reproduce
+  such a setting pass `p = p_code / 2` here.
+
+  Args:
+    epsilon: margin half-width (input-space L2 radius), scalar > 0.
+    p: slack, the logistic's probability at the wrong margin side, scalar in
+      the open interval (0, 0.5).
+
+  Returns:
+    The scalar sigma_eps(p) > 0.
+  """
+  _check_scalar('epsilon', epsilon)
+  _validation.check_positive('epsilon', epsilon)
+  _check_scalar('p', p)
+  _validation.check_open_interval('p', p, 0.0, 0.5)
+  epsilon = jnp.asarray(epsilon)
+  p = jnp.asarray(p)
+  dtype = jnp.result_type(epsilon, p)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.result_type(float)
+  epsilon = epsilon.astype(dtype)
+  p = p.astype(dtype)
+  return epsilon / (jnp.log1p(-p) - jnp.log(p))
+
+
+def cll_logits(
+    logits: Array,
+    labels: Array,
+    pairwise_lipschitz: Array,
+    epsilon: ArrayLike,
+    p: ArrayLike,
+    delta: ArrayLike | None = None,
+) -> Array:
+  r"""Inputs g of the calibrated softmax of multiclass CLL (supp. eq. 2).
+
+  .. math::
+    g_i = \begin{cases}
+      \bigl(\delta + (f_i - f_y) / K_{i,y}\bigr) / \sigma_\epsilon(p)
+          & i \ne y \\
+      -\delta / \sigma_\epsilon(p) & i = y
+    \end{cases}
+
+  The paper uses delta = epsilon; supp. D.1 makes the margin offset delta a
+  free hyper-parameter. The `i = y` entry is the constant `-delta / sigma`
+  exactly: K's zero diagonal is never divided by, and no gradient reaches it.
+
+  Args:
+    logits: `(B, N)` float logits f(x).
+    labels: `(B,)` integer labels y.
+    pairwise_lipschitz: `(N, N)` bounds K (see the module docstring).
+    epsilon: margin half-width, scalar > 0.
+    p: slack in (0, 0.5) (see `calibrated_scale`).
+    delta: margin offset, scalar >= 0; `None` means `epsilon`.
+
+  Returns:
+    `(B, N)` calibrated softmax inputs.
+  """
+  _check_multiclass(logits, labels, pairwise_lipschitz)
+  _check_epsilon_p_delta(epsilon, p, delta)
+  if delta is None:
+    delta = epsilon
+  sigma = calibrated_scale(epsilon, p)
+  gap, k_row, is_label = _pairwise_differences(
+      logits, pairwise_lipschitz, labels)
+  # gap = f_y - f_i, so (f_i - f_y) / K_{i,y} = -gap / K.
+  off = (delta - gap / k_row) / sigma
+  return jnp.where(is_label, -delta / sigma, off)
+
+
+def multiclass_cll_loss(
+    logits: Array,
+    labels: Array,
+    pairwise_lipschitz: Array,
+    epsilon: ArrayLike,
+    p: ArrayLike,
+    delta: ArrayLike | None = None,
+) -> Array:
+  r"""Multiclass calibrated Lipschitz-margin loss (CLL supp. eqs. 1-2).
+
+  .. math::
+    \ell(x, y) = -\log \mathrm{softmax}(g)_y
+               = \operatorname{logsumexp}_i g_i + \delta / \sigma_\epsilon(p),
+
+  with g from `cll_logits`. Evaluated as
+  `softplus(logsumexp_{i != y}(g_i - g_y))`, where
+  `g_i - g_y = (2 delta + (f_i - f_y) / K_{i,y}) / sigma` (supp. eq. 5):
+  g reaches ~1e8 for small K and p, where a plain softmax overflows, and the
+  loss of well-fit examples is tiny, where `log_softmax` loses its digits.
+  The `lambda K^2` term of eq. 3 is separate (`lipschitz_penalty`).
+  Invariant to adding a constant to all logits.
+
+  Args:
+    logits: `(B, N)` float logits.
+    labels: `(B,)` integer labels.
+    pairwise_lipschitz: `(N, N)` bounds K.
+    epsilon: margin half-width, scalar > 0.
+    p: slack in (0, 0.5).
+    delta: margin offset >= 0; `None` means `epsilon`.
+
+  Returns:
+    `(B,)` per-example losses.
+  """
+  g = cll_logits(logits, labels, pairwise_lipschitz, epsilon, p, delta)
+  return _label_nll(g, labels)
+
+
+def binary_cll_loss(
+    logits: Array,
+    labels: Array,
+    lipschitz: ArrayLike,
+    epsilon: ArrayLike,
+    p: ArrayLike,
+    delta: ArrayLike | None = None,
+) -> Array:
+  r"""Binary calibrated Lipschitz-margin loss (CLL eqs. 3-4, supp. D.1).
+
+  With `y_pm = 2 * label - 1` in {-1, +1},
+
+  .. math::
+    z = \bigl(-y_\pm \delta + f(x) / K\bigr) / \sigma_\epsilon(p), \qquad
+    \ell = -[\,y \log h(z) + (1 - y) \log(1 - h(z))\,]
+         = -\log h(y_\pm z),
+
+  where h is the logistic sigmoid. Computed as `-log_sigmoid(y_pm * z)`,
+  which neither overflows nor returns log(0) for |z| ~ 1e8, unlike
+  `log(sigmoid(z))`.
+
+  Relation to the multiclass loss (supp. eq. 5, shift by `delta/sigma`): for
+  N = 2, `multiclass_cll_loss(f, y, K, eps, p, delta)` equals
+  `binary_cll_loss(f[:, 1] - f[:, 0], y, K[0, 1], eps, p, 2 * delta)`: the
+  softmax shift moves the full offset `2 delta` onto the other logit.
+
+  Args:
+    logits: `(B,)` float scalar outputs f(x).
+    labels: `(B,)` integer labels in {0, 1}.
+    lipschitz: scalar Lipschitz bound K of f, > 0.
+    epsilon: margin half-width, scalar > 0.
+    p: slack in (0, 0.5).
+    delta: margin offset >= 0; `None` means `epsilon`.
+
+  Returns:
+    `(B,)` per-example losses.
+  """
+  _validation.check_ndim('logits', logits, 1)
+  _validation.check_floating('logits', logits)
+  _validation.check_finite('logits', logits)
+  _check_labels(labels, jnp.shape(logits)[0], 2)
+  _check_scalar('lipschitz', lipschitz)
+  _validation.check_finite('lipschitz', lipschitz)
+  _validation.check_positive('lipschitz', lipschitz)
+  _check_epsilon_p_delta(epsilon, p, delta)
+  if delta is None:
+    delta = epsilon
+  sigma = calibrated_scale(epsilon, p)
+  y_pm = (2 * labels - 1).astype(logits.dtype)
+  z = (-y_pm * delta + logits / lipschitz) / sigma
+  # y * log h(z) + (1 - y) * log h(-z) == log h(y_pm * z) for y in {0, 1}.
+  return -jax.nn.log_sigmoid(y_pm * z)
+
+
+def lipschitz_penalty(lipschitz_constant: ArrayLike, lam: ArrayLike) -> Array:
+  r"""The regulariser `lambda K^2` of CLL eq. 3.
+
+  Args:
+    lipschitz_constant: scalar Lipschitz bound K of the classifier.
+    lam: scalar coefficient lambda >= 0 (the paper uses 1e-10..1e-4).
+
+  Returns:
+    The scalar `lam * K**2`.
+  """
+  _check_scalar('lipschitz_constant', lipschitz_constant)
+  _validation.check_finite('lipschitz_constant', lipschitz_constant)
+  _check_scalar('lam', lam)
+  _check_nonnegative('lam', lam)
+  return lam * jnp.square(lipschitz_constant)
+
+
+# ---------------------------------------------------------------------------
+# GloRo and TRADES.
+# ---------------------------------------------------------------------------
+
+
+def gloro_logits(
+    logits: Array,
+    pairwise_lipschitz: Array,
+    epsilon: ArrayLike,
+) -> Array:
+  r"""Logits with GloRo's bottom class appended (Leino et al. 2021).
+
+  With `j = argmax_i f_i` (first index on ties),
+
+  .. math::
+    f_\bot = \max_{i \ne j} \bigl(f_i + \epsilon K_{j,i}\bigr),
+
+  and the output is `[f_1, ..., f_N, f_bot]`. `f_bot < f_j` exactly when
+  every `f_j - f_i > epsilon K_{j,i}`, the certificate of CLL supp. eq. 18.
+  The argmax is an integer choice, so gradients flow through `f_i` and
+  `K_{j,i}` only. Unlike the reference TF code, which drops every class tied
+  with the top logit, only the index j is excluded, so a tie gives
+  `f_bot >= f_j` (not robust), the conservative reading.
+
+  Args:
+    logits: `(B, N)` float logits.
+    pairwise_lipschitz: `(N, N)` bounds K.
+    epsilon: certification radius, scalar > 0.
+
+  Returns:
+    `(B, N + 1)` logits; the last column is the bottom class.
+  """
+  num_classes = _check_logits_2d(logits)
+  _check_pairwise_lipschitz(pairwise_lipschitz, num_classes)
+  _check_scalar('epsilon', epsilon)
+  _validation.check_positive('epsilon', epsilon)
+  top = jnp.argmax(logits, axis=-1)
+  k_row = _gather_rows(pairwise_lipschitz, top)
+  is_top = jnp.arange(num_classes)[None, :] == top[:, None]
+  candidates = jnp.where(is_top, -jnp.inf, logits + epsilon * k_row)
+  bottom = jnp.max(candidates, axis=-1, keepdims=True)
+  return jnp.concatenate([logits, bottom.astype(logits.dtype)], axis=-1)
+
+
+def _gloro_check(logits, labels, pairwise_lipschitz, epsilon) -> None:
+  _check_multiclass(logits, labels, pairwise_lipschitz)
+  _check_scalar('epsilon', epsilon)
+  _validation.check_positive('epsilon', epsilon)
+
+
+def gloro_loss(
+    logits: Array,
+    labels: Array,
+    pairwise_lipschitz: Array,
+    epsilon: ArrayLike,
+) -> Array:
+  r"""GloRo cross-entropy over the N + 1 logits `[f, f_bot]`.
+
+  .. math::
+    \ell = -\log \mathrm{softmax}([f, f_\bot])_y,
+
+  computed stably (see `multiclass_cll_loss`). The label is never the
+  bottom class.
+
+  Args:
+    logits: `(B, N)` float logits.
+    labels: `(B,)` integer labels in `[0, N)`.
+    pairwise_lipschitz: `(N, N)` bounds K.
+    epsilon: certification radius, scalar > 0.
+
+  Returns:
+    `(B,)` per-example losses.
+  """
+  _gloro_check(logits, labels, pairwise_lipschitz, epsilon)
+  robust = gloro_logits(logits, pairwise_lipschitz, epsilon)
+  return _label_nll(robust, labels)
+
+
+def gloro_trades_loss(
+    logits: Array,
+    labels: Array,
+    pairwise_lipschitz: Array,
+    epsilon: ArrayLike,
+    trades_beta: ArrayLike,
+) -> Array:
+  r"""GloRo's TRADES loss (`trades_kl.<beta>` of the GloRo code).
+
+  Cross-entropy of the clean logits plus beta times the KL divergence from
+  the clean prediction, padded with probability 0 for the bottom class, to
+  the robust N + 1 prediction:
+
+  .. math::
+    \ell = -\log \mathrm{softmax}(f)_y
+           + \beta\, \mathrm{KL}\bigl([\mathrm{softmax}(f), 0] \,\|\,
+                                       \mathrm{softmax}([f, f_\bot])\bigr).
+
+  As in the reference code, gradients flow through both arguments of the KL.
+  Because the first N robust log-probabilities are the clean ones shifted by
+  one constant, the KL has the closed form
+
+  .. math::
+    \mathrm{KL} = \operatorname{logsumexp}([f, f_\bot])
+                  - \operatorname{logsumexp}(f)
+                = \operatorname{softplus}(f_\bot - \operatorname{logsumexp}(f))
+                = -\log(1 - q_\bot),
+
+  which is evaluated (stable for any f_bot) instead of the sum over classes.
+  The reference Keras code clips probabilities to [1e-7, 1] inside its KL;
+  this exact form differs from it only where those clips bind.
+
+  Args:
+    logits: `(B, N)` float logits.
+    labels: `(B,)` integer labels.
+    pairwise_lipschitz: `(N, N)` bounds K.
+    epsilon: certification radius, scalar > 0.
+    trades_beta: scalar weight beta >= 0 of the robust term.
+
+  Returns:
+    `(B,)` per-example losses.
+  """
+  _gloro_check(logits, labels, pairwise_lipschitz, epsilon)
+  _check_scalar('trades_beta', trades_beta)
+  _check_nonnegative('trades_beta', trades_beta)
+  robust = gloro_logits(logits, pairwise_lipschitz, epsilon)
+  clean_ce = _label_nll(logits, labels)
+  kl = jax.nn.softplus(
+      robust[:, -1] - jax.nn.logsumexp(logits, axis=-1))
+  return clean_ce + trades_beta * kl
+
+
+# ---------------------------------------------------------------------------
+# CRM.
+# ---------------------------------------------------------------------------
+
+
+def crm_loss(
+    logits: Array,
+    labels: Array,
+    pairwise_lipschitz: Array,
+    lam: ArrayLike,
+    temperature: ArrayLike,
+    radius_threshold: ArrayLike,
+) -> Array:
+  r"""Dynamic-margin (CRM) loss of arXiv 2310.00116.
+
+  With the certified radii to each other class
+  `R_i(x) = (f_y - f_i) / K_{y,i}` (i != y),
+
+  .. math::
+    \ell(x, y) = \mathrm{CE}(f, y) + \lambda\, m(x)\, \frac{1}{t}
+                 \log \sum_{i \ne y} e^{-t R_i(x)},
+
+  where the soft-min term `(1/t) logsumexp(-t R)` is minus a smooth lower
+  bound of `min_i R_i` (tight as t grows), and the gate
+  `m(x) = 1[x is correct and min_i R_i(x) < R0]` is computed without
+  gradient. "Correct" is strict: `f_y > f_i` for all i != y (ties count as
+  wrong, as in `certify`). The batch mean equals the paper's
+
+  .. math::
+    J = \frac{1}{B}\sum_x \mathrm{CE} + \frac{\lambda}{B} \sum_{x \in S}
+        \frac{1}{t} \log \sum_{i \ne y} e^{-t R_i(x)},
+    \quad S = \{x : m(x) = 1\}.
+
+  Gradients flow through the logits and through K (e.g. LipLT bounds of the
+  network parameters); examples outside S get the cross-entropy gradient
+  only.
+
+  Args:
+    logits: `(B, N)` float logits.
+    labels: `(B,)` integer labels.
+    pairwise_lipschitz: `(N, N)` bounds K.
+    lam: weight lambda >= 0 of the robustness term.
+    temperature: soft-min temperature t > 0.
+    radius_threshold: R0 > 0; only correct points with radius below R0 are
+      pushed.
+
+  Returns:
+    `(B,)` per-example losses.
+  """
+  _check_multiclass(logits, labels, pairwise_lipschitz)
+  for name, value in (('lam', lam), ('temperature', temperature),
+                      ('radius_threshold', radius_threshold)):
+    _check_scalar(name, value)
+  _check_nonnegative('lam', lam)
+  _validation.check_positive('temperature', temperature)
+  _validation.check_positive('radius_threshold', radius_threshold)
+
+  ce = _label_nll(logits, labels)
+
+  gap, k_row, is_label = _pairwise_differences(
+      logits, pairwise_lipschitz, labels)
+  radii = gap / k_row
+  # -inf at i == y drops the label from the logsumexp; the finite branch
+  # (divided by a safe 1) keeps the where's backward pass NaN-free.
+  soft = jax.nn.logsumexp(
+      jnp.where(is_label, -jnp.inf, -temperature * radii), axis=-1)
+  soft = soft / temperature
+
+  min_radius = jax.lax.stop_gradient(
+      jnp.min(jnp.where(is_label, jnp.inf, radii), axis=-1))
+  in_s = (min_radius > 0) & (min_radius < radius_threshold)
+  # where, not multiply: the excluded examples' term gets a zero cotangent
+  # and contributes no robustness gradient at all.
+  return ce + lam * jnp.where(in_s, soft, 0.0)
