@@ -33,6 +33,13 @@ def validate_config(config: ml_collections.ConfigDict,
   if m.activation not in models.ACTIVATIONS:
     _fail('model.activation', m.activation,
           f'known: {sorted(models.ACTIVATIONS)}')
+  if m.get('bound', 'naive') not in models.BOUNDS:
+    _fail('model.bound', m.bound, f'known bounds: {models.BOUNDS}')
+  if (m.get('bound', 'naive') == 'liplt'
+      and models.ACTIVATIONS[m.activation][1] is None):
+    _fail('model.bound', m.bound,
+          f'LipLT needs an elementwise activation, model.activation is '
+          f'{m.activation!r}')
   if m.num_power_iterations < 0:
     _fail('model.num_power_iterations', m.num_power_iterations, 'must be >= 0')
   if m.get('input_std') is not None and min(m.input_std) <= 0:

@@ -22,6 +22,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.name = '4c3f'  # A name in cll_jax.models.ARCHITECTURES.
   c.model.activation = 'minmax'  # 'minmax' (paper) or 'relu' (LipLT paper).
   c.model.num_power_iterations = 5  # Power-iteration steps per train step.
+  # Training bound: 'naive' (product of layer norms, CLL) or 'liplt'
+  # (arXiv 2310.00116; needs an elementwise activation such as relu).
+  c.model.bound = 'naive'
   # Optional per-channel normalisation inside the model; its Lipschitz factor
   # 1/min(std) enters every bound. None: inputs stay in [0, 1] (paper).
   c.model.input_mean = ml_collections.FieldReference(None, field_type=tuple)
@@ -86,8 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 500  # Global eval batch; the last one is padded.
   c.eval.radii = DEFAULT_RADII  # CRA radii (eps_train is added).
-  # 'sound': guaranteed layer bounds (Gram iteration); 'power': converged
-  # power iteration as in the paper.
+  # 'sound': guaranteed layer bounds (Gram iteration), naive product;
+  # 'power': the model's training bound (naive or LipLT) from converged
+  # power iteration, as in the papers (estimates, not guaranteed).
   c.eval.bound = 'sound'
   return c
 

@@ -101,6 +101,7 @@ class LipschitzNetwork(nn.Module):
   input_mean: tuple[float, ...] | None = None
   input_std: tuple[float, ...] | None = None
   num_power_iterations: int = 5
+  bound: str = 'naive'
 
   @property
   def input_scale(self) -> float:
@@ -117,17 +118,20 @@ class LipschitzNetwork(nn.Module):
     if self.input_std is not None:
       x = x / jnp.asarray(self.input_std, x.dtype)
     norms = []
+    modules = []
     for i, spec in enumerate(self.architecture):
       if isinstance(spec, Conv):
-        x, sigma = layers.LipschitzConv(
+        module = layers.LipschitzConv(
             spec.features, spec.kernel_size, spec.stride, spec.padding,
             num_power_iterations=self.num_power_iterations,
-            name=f'layer_{i}')(x)
+            name=f'layer_{i}')
       else:
         x = x.reshape(x.shape[0], -1)  # flatten: an isometry
-        x, sigma = layers.LipschitzDense(
+        module = layers.LipschitzDense(
             spec.features, num_power_iterations=self.num_power_iterations,
-            name=f'layer_{i}')(x)
+            name=f'layer_{i}')
+      x, sigma = module(x)
+      modules.append(module)
       norms.append(sigma)
       x = act(x)
     x = x.reshape(x.shape[0], -1)
@@ -135,7 +139,14 @@ class LipschitzNetwork(nn.Module):
         self.num_classes, num_power_iterations=self.num_power_iterations,
         name='head')
     logits, head_norm = head(x)
+    modules.append(head)
     norms = jnp.stack(norms + [head_norm])
+    if self.bound == 'liplt':
+      pairwise, bound = self._liplt(modules, tuple(x.shape[1:]))
+      return NetworkOutput(logits=logits, layer_norms=norms,
+                           pairwise_lipschitz=pairwise, lipschitz=bound)
+    if self.bound != 'naive':
+      raise ValueError(f"bound must be 'naive' or 'liplt', got {self.bound!r}")
     prefix = self.input_scale * jnp.prod(norms[:-1])
     head_kernel = head.variables['params']['kernel']
     return NetworkOutput(
@@ -144,14 +155,50 @@ class LipschitzNetwork(nn.Module):
         pairwise_lipschitz=lipschitz.pairwise_lipschitz(head_kernel, prefix),
         lipschitz=prefix * head_norm)
 
+  def _liplt(self, modules, head_input_shape):
+    """LipLT bounds (arXiv 2310.00116) from warm-started product norms."""
+    from cll_jax import liplt  # pylint: disable=g-import-not-at-top
+    slopes = ACTIVATIONS[self.activation][1]
+    if slopes is None:
+      raise ValueError(
+          f'the LipLT bound needs an elementwise slope-restricted activation; '
+          f'{self.activation!r} is not (use bound=\'naive\' or relu)')
+    params = {m.name: m.variables['params'] for m in modules}
+    ops = network_operators(self, params, self._input_shape(modules))
+    if ops[-1].input_shape != (math.prod(head_input_shape),):
+      raise ValueError('internal: head shape mismatch')
+    states = self.variable(
+        layers.POWER_ITERATION, 'liplt_products',
+        lambda: liplt.init_product_states(ops, self.make_rng('params')))
+    steps = (self.num_power_iterations
+             if self.is_mutable_collection(layers.POWER_ITERATION) else 0)
+    norms, new_states = liplt.product_norms(ops, states.value, steps)
+    if steps:
+      states.value = new_states
+    alpha, beta = slopes
+    pairwise = liplt.liplt_pairwise_bound(ops, norms, alpha, beta)
+    bound = liplt.liplt_bound(norms, alpha, beta)
+    return self.input_scale * pairwise, self.input_scale * bound
+
+  def _input_shape(self, modules) -> tuple[int, ...]:
+    """Shape of one input example, read off the first layer's kernel."""
+    first = modules[0]
+    if isinstance(first, layers.LipschitzConv):
+      return tuple(first.get_variable(layers.POWER_ITERATION, 'u').shape)
+    return (first.variables['params']['kernel'].shape[0],)
+
 
 MODELS = tuple(ARCHITECTURES)
+# 'naive': product of layer norms with the exact head differences (CLL);
+# 'liplt': the LipLT loop-transformation bound (elementwise activations).
+BOUNDS = ('naive', 'liplt')
 
 
 def create_model(name: str, num_classes: int, *, activation: str = 'minmax',
                  input_mean: Sequence[float] | None = None,
                  input_std: Sequence[float] | None = None,
-                 num_power_iterations: int = 5) -> LipschitzNetwork:
+                 num_power_iterations: int = 5,
+                 bound: str = 'naive') -> LipschitzNetwork:
   """Builds a registered architecture; unknown names raise ValueError."""
   if name not in ARCHITECTURES:
     raise ValueError(f'unknown model {name!r}; known models: {sorted(MODELS)}')
@@ -163,6 +210,12 @@ def create_model(name: str, num_classes: int, *, activation: str = 'minmax',
   if num_power_iterations < 0:
     raise ValueError(
         f'num_power_iterations must be >= 0, got {num_power_iterations}')
+  if bound not in BOUNDS:
+    raise ValueError(f'unknown bound {bound!r}; known: {BOUNDS}')
+  if bound == 'liplt' and ACTIVATIONS[activation][1] is None:
+    raise ValueError(
+        f'the LipLT bound needs an elementwise slope-restricted activation, '
+        f'not {activation!r}')
   if activation == 'minmax':
     for spec in ARCHITECTURES[name]:
       if spec.features % 2:
@@ -172,7 +225,7 @@ def create_model(name: str, num_classes: int, *, activation: str = 'minmax',
       activation=activation,
       input_mean=None if input_mean is None else tuple(input_mean),
       input_std=None if input_std is None else tuple(input_std),
-      num_power_iterations=num_power_iterations)
+      num_power_iterations=num_power_iterations, bound=bound)
 
 
 def layer_names(model: LipschitzNetwork) -> list[str]:
@@ -220,6 +273,10 @@ def converge_power_iteration(model: LipschitzNetwork, variables,
     u, _ = lipschitz.converge_power_iteration(
         op, state[name]['u'], tol=tol, max_iterations=max_iterations)
     new_state[name] = {'u': u}
+  if 'liplt_products' in state:
+    from cll_jax import liplt  # pylint: disable=g-import-not-at-top
+    _, new_state['liplt_products'] = liplt.converge_product_norms(
+        ops, state['liplt_products'], tol=tol, max_iterations=max_iterations)
   return new_state
 
 

@@ -66,7 +66,7 @@ def create_model(config: ml_collections.ConfigDict,
   return models.create_model(
       m.name, num_classes, activation=m.activation,
       input_mean=m.get('input_mean'), input_std=m.get('input_std'),
-      num_power_iterations=m.num_power_iterations)
+      num_power_iterations=m.num_power_iterations, bound=m.bound)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -252,8 +252,10 @@ def certification_bounds(state: TrainState, model: models.LipschitzNetwork,
   """Pairwise bounds K_ij for certification and the layer norms behind them.
 
   'sound': guaranteed upper bounds of every layer (Gram iteration, with a
-  float-error allowance; `cll_jax.sound_bounds`). 'power': the converged
-  power-iteration estimates, as in the paper (a lower estimate of each norm).
+  float-error allowance; `cll_jax.sound_bounds`), multiplied as the naive
+  product bound. 'power': the model's own bound (naive product or LipLT)
+  from the converged power-iteration state, as in the papers; each norm is
+  then an estimate from below, so the certificate is not guaranteed.
   """
   from cll_jax import lipschitz  # pylint: disable=g-import-not-at-top
   ops = models.network_operators(model, state.params, input_shape)
@@ -267,8 +269,8 @@ def certification_bounds(state: TrainState, model: models.LipschitzNetwork,
   elif method == 'power':
     out = state.apply_fn(state.variables,
                          jnp.zeros((1, *input_shape), jnp.float32))
-    norms = out.layer_norms
-    rounding = 1.0
+    return {'pairwise': out.pairwise_lipschitz,
+            'layer_norms': out.layer_norms, 'lipschitz': out.lipschitz}
   else:
     raise ValueError(f"bound method must be 'sound' or 'power', got {method!r}")
   prefix = model.input_scale * jnp.prod(norms[:-1]) * rounding

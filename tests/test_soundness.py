@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from cll_jax import attacks
 from cll_jax import certify
 from cll_jax import train
 from experiments import cifar10_4c3f
 from experiments import moons_cll
+import image_fixtures
 
 
 def _restore(config, workdir, input_shape, num_classes):
@@ -30,23 +30,6 @@ def _restore(config, workdir, input_shape, num_classes):
   state = train._restore_or_keep(manager, state)
   manager.close()
   return model, state
-
-
-def _write_image_folder(root, num_classes=4, per_class=48, size=8):
-  """Classes are colour blobs at class-specific places plus noise."""
-  rng = np.random.default_rng(0)
-  yy, xx = np.mgrid[:size, :size]
-  for split, n in (('train', per_class), ('test', per_class // 2)):
-    for c in range(num_classes):
-      folder = os.path.join(root, split, f'class_{c}')
-      os.makedirs(folder)
-      cy, cx = (c // 2) * (size - 1), (c % 2) * (size - 1)
-      blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (size / 2) ** 2)
-      for i in range(n):
-        img = 0.2 + 0.6 * blob[..., None] * np.eye(3)[c % 3]
-        img = img + 0.08 * rng.normal(size=(size, size, 3))
-        img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(img).save(os.path.join(folder, f'{i}.png'))
 
 
 @pytest.fixture(scope='module')
@@ -74,7 +57,7 @@ def trained_moons(tmp_path_factory):
 @pytest.fixture(scope='module')
 def trained_images(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('images'))
-  _write_image_folder(root)
+  image_fixtures.write_image_folder(root)
   workdir = str(tmp_path_factory.mktemp('images_run'))
   config = cifar10_4c3f.get_config('data=offline,tiny')
   config.data.kwargs.root = root
