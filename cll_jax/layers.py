@@ -105,11 +105,16 @@ def minmax(x: jax.Array) -> jax.Array:
   Per pair (a_k, b_k) this sorts two numbers, so it is a piecewise permutation:
   1-Lipschitz in L2 and gradient-norm preserving. Pairing halves rather than
   neighbours avoids an interleaving reshape; with learned weights on both
-  sides the choice of pairs is immaterial. `maximum`/`minimum` are used
+  sides the choice of pairs is immaterial. Elementwise selects are used
   instead of a sort, which is about 3x slower on CPU.
   """
   channels = x.shape[-1]
   if channels % 2:
     raise ValueError(f'MinMax needs an even number of channels, got {channels}')
   a, b = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([jnp.maximum(a, b), jnp.minimum(a, b)], axis=-1)
+  # A select, not maximum/minimum: at ties a == b those split the gradient
+  # 0.5/0.5, which shrinks gradient norms; a select keeps the Jacobian a
+  # permutation everywhere.
+  a_wins = a >= b
+  return jnp.concatenate([jnp.where(a_wins, a, b), jnp.where(a_wins, b, a)],
+                         axis=-1)

@@ -207,6 +207,8 @@ def create_model(name: str, num_classes: int, *, activation: str = 'minmax',
                      f'{sorted(ACTIVATIONS)}')
   if num_classes < 2:
     raise ValueError(f'num_classes must be >= 2, got {num_classes}')
+  if input_std is not None and min(input_std) <= 0:
+    raise ValueError(f'input_std must be > 0, got {tuple(input_std)}')
   if num_power_iterations < 0:
     raise ValueError(
         f'num_power_iterations must be >= 0, got {num_power_iterations}')
