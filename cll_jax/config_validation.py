@@ -67,6 +67,8 @@ def validate_config(config: ml_collections.ConfigDict,
       _fail(f'loss.{key}', l[key], 'slack p must lie in (0, 0.5)')
   if l.get('delta') is not None and l.delta < 0:
     _fail('loss.delta', l.delta, 'must be >= 0')
+  if l.get('offset', 'two_sided') not in ('two_sided', 'one_sided'):
+    _fail('loss.offset', l.offset, "must be 'two_sided' or 'one_sided'")
   if l.lam < 0:
     _fail('loss.lam', l.lam, 'must be >= 0')
   if not l.lipschitz_scale_start > 0:

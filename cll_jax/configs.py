@@ -51,11 +51,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.epsilon_schedule_epochs = 0  # Length of the eps ramp (0: all).
   c.loss.delta = ml_collections.FieldReference(None, field_type=float)
   # ^ CLL margin offset delta (supplement D.1); None means delta = eps.
+  # 'two_sided': +delta on the other logits and -delta on the label's
+  # (supplement eq. 2), so p(y) = 1/2 at distance 2 delta; 'one_sided': only
+  # +delta on the others (binary eq. 4 for two classes; the official
+  # two-moons set-up), p(y) = 1/2 at distance delta.
+  c.loss.offset = 'two_sided'
   c.loss.p_start = 0.15  # Slack p at step 0 (CLL eq. 5 / supp. eq. 17).
   c.loss.p_end = 0.15  # Slack p after annealing.
   c.loss.p_gamma = 1.0  # Annealing power gamma of supp. eq. 17.
   c.loss.lam = 1e-4  # lambda of the lambda * K^2 regulariser (eq. 3).
-  c.loss.detach_lipschitz = True  # No loss gradient through K (CLL/GloRo).
+  c.loss.detach_lipschitz = True  # CLL: no loss gradient through K.
   # Lipschitz-scale warm-up beta: the loss sees K * beta(t), beta annealed
   # from lipschitz_scale_start to 1 with power lipschitz_scale_gamma (B4).
   c.loss.lipschitz_scale_start = 1.0

@@ -128,9 +128,10 @@ def per_example_loss(config, sched: LossSchedules, out: models.NetworkOutput,
   """The configured loss for every example, and the values it used."""
   loss = config.loss
   pairwise = out.pairwise_lipschitz
-  if loss.name != 'crm' and loss.detach_lipschitz:
+  if loss.name == 'cll' and loss.detach_lipschitz:
     # CLL normalises by K but does not optimise it through the loss; K is
-    # pushed down only by the lambda K^2 term (CLL sec. 3.3).
+    # pushed down only by the lambda K^2 term (CLL sec. 3.3). GloRo and CRM
+    # lower K through the loss itself, so their K keeps its gradient.
     pairwise = jax.lax.stop_gradient(pairwise)
   pairwise = pairwise * sched.lipschitz_scale(step)
   epsilon = sched.epsilon(step)
@@ -138,8 +139,15 @@ def per_example_loss(config, sched: LossSchedules, out: models.NetworkOutput,
   if loss.name == 'cll':
     p = sched.slack(step)
     used['p'] = p
+    delta = epsilon if loss.get('delta') is None else loss.delta
+    if loss.offset == 'one_sided':
+      # Offset delta on the other logits only (g_y = 0), as the official
+      # two-moons config (`add_epsilon_one_sided`); by the softmax's shift
+      # invariance that is the two-sided eq. 2 with delta / 2, and for N = 2
+      # it is exactly binary CLL (eq. 4): probability 1/2 at distance delta.
+      delta = delta / 2
     values = losses.multiclass_cll_loss(
-        out.logits, labels, pairwise, epsilon, p, delta=loss.get('delta'))
+        out.logits, labels, pairwise, epsilon, p, delta=delta)
   elif loss.name == 'gloro':
     values = losses.gloro_loss(out.logits, labels, pairwise, epsilon)
   elif loss.name == 'gloro_trades':
