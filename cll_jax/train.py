@@ -294,17 +294,24 @@ def certification_bounds(state: TrainState, model: models.LipschitzNetwork,
 
 
 def load_dataset(config):
-  """Loads the configured dataset, cut to the first n examples if asked."""
+  """Loads the configured dataset, cut to a random subset if asked.
+
+  Loaders may return examples grouped by class, so a subset is drawn with a
+  fixed permutation (seed 0), never as the first n examples.
+  """
   dataset = data_lib.load_dataset(config.data.name,
                                   **config.data.kwargs.to_dict())
   n_train = config.data.get('num_train_examples')
   n_test = config.data.get('num_test_examples')
+  rng = np.random.default_rng(0)
   if n_train:
-    dataset.train_images = dataset.train_images[:n_train]
-    dataset.train_labels = dataset.train_labels[:n_train]
+    keep = np.sort(rng.permutation(len(dataset.train_labels))[:n_train])
+    dataset.train_images = dataset.train_images[keep]
+    dataset.train_labels = dataset.train_labels[keep]
   if n_test:
-    dataset.test_images = dataset.test_images[:n_test]
-    dataset.test_labels = dataset.test_labels[:n_test]
+    keep = np.sort(rng.permutation(len(dataset.test_labels))[:n_test])
+    dataset.test_images = dataset.test_images[keep]
+    dataset.test_labels = dataset.test_labels[keep]
   return dataset
 
 

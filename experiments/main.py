@@ -30,12 +30,15 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    # Orbax logs every checkpoint step at INFO; --verbosity=0 brings it back.
+    logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
   if workdir is None:
     name = os.path.splitext(os.path.basename(
         config_flags.get_config_filename(flags.FLAGS['config'])))[0]
     workdir = os.path.join('workdir', name)
-  logging.info('workdir: %s', workdir)
+  logging.warning('workdir: %s', workdir)
   final = train.train_and_evaluate(_CONFIG.value, workdir)
   print({k: v for k, v in final.items() if not isinstance(v, list)})
 
