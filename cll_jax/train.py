@@ -206,12 +206,12 @@ def train_step(state: TrainState, batch: Batch, *, config,
     values, used = per_example_loss(config, sched, out, labels, step, epoch)
     penalty = losses.lipschitz_penalty(out.lipschitz, config.loss.lam)
     total = jnp.mean(values) + penalty
-    return total, (out, updates[layers.POWER_ITERATION], used, penalty)
+    return total, (out, updates[layers.POWER_ITERATION], values, used,
+                   penalty)
 
-  grads, (out, new_pi, used, penalty) = jax.grad(loss_fn, has_aux=True)(
-      state.params)
+  grads, (out, new_pi, values, used, penalty) = jax.grad(
+      loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads, power_iteration=new_pi)
-  values, _ = per_example_loss(config, sched, out, labels, step, epoch)
   certified = certify.certified_correct(
       out.logits, labels, jax.lax.stop_gradient(out.pairwise_lipschitz),
       config.loss.epsilon)
