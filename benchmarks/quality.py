@@ -1,0 +1,201 @@
+r"""Certified quality on real data: CLL vs GloRo, 4C3F, offline CIFAR-10.
+
+Trains `experiments/cifar10_4c3f.py:data=offline` (CLL) and
+`experiments/cifar10_4c3f_gloro.py:data=offline` (GloRo), both with the
+paper's eps = 0.15 (and p = 0.15 for CLL), through
+`cll_jax.train.train_and_evaluate`, then reports clean accuracy, certified
+robust accuracy (CRA) at L2 radii 36/255, 72/255, 108/255 and 255/255, the
+bound K^(f) = max_ij K_ij (sound bounds, `config.eval.bound`), K^(h o f) and
+the tightness K_lobo / K^(f) (CLL supplement C,
+`cll_jax.attacks.empirical_lipschitz_lower_bound`).
+
+  # The paper's schedule (800 epochs; for a GPU): the configs unchanged.
+  python -m benchmarks.quality
+  # A short schedule: E epochs, learning-rate decays and GloRo's eps ramp
+  # scaled by E / 800.
+  python -m benchmarks.quality --epochs 20
+  # Smoke test: tiny_cnn on 256 images, 1 epoch.
+  python -m benchmarks.quality --tiny
+
+Tightness defaults to the paper's 4000 pairs x 1000 Adam steps; lower them
+with --tightness-pairs / --tightness-steps on a CPU. A rerun with the same
+--workdir resumes training from its checkpoints. The table is printed; full
+(non-tiny) runs also write results/quality/quality_results.json, which
+`python -m benchmarks.run` puts into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from cll_jax import attacks
+from cll_jax import configs
+from cll_jax import train
+from experiments import cifar10_4c3f
+from experiments import cifar10_4c3f_gloro
+
+METHODS = {'cll': cifar10_4c3f, 'gloro': cifar10_4c3f_gloro}
+RADII = configs.DEFAULT_RADII + (1.0,)  # 36, 72, 108 and 255 / 255.
+PAPER_EPOCHS = 800
+RESULTS_JSON = 'quality_results.json'
+# Where full (non-tiny) runs leave their rows for `benchmarks.run`.
+REPO_RESULTS = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'results', 'quality', RESULTS_JSON)
+
+
+def make_config(method: str, epochs: int | None, tiny: bool):
+  """The method's offline config, optionally on a shortened schedule."""
+  config = METHODS[method].get_config('data=offline' + (',tiny' if tiny
+                                                         else ''))
+  config.eval.radii = RADII
+  config.train.progress_bar = False
+  if tiny:
+    config.model.name = 'tiny_cnn'
+    config.train.num_epochs = 1
+    config.train.eval_every_epochs = 1
+    config.data.num_train_examples = 256
+    config.data.num_test_examples = 96
+    config.eval.batch_size = 48  # a multiple of 8 (test suite: 8 devices)
+    config.train.batch_size = 32
+    config.loss.epsilon_schedule_epochs = 1
+    config.data.augment.enabled = False
+    return config
+  if epochs is not None and epochs != config.train.num_epochs:
+    scale = epochs / config.train.num_epochs
+    config.optimizer.decay_epochs = tuple(
+        max(1, round(e * scale)) for e in config.optimizer.decay_epochs)
+    if config.loss.epsilon_schedule_epochs:
+      config.loss.epsilon_schedule_epochs = max(
+          1, round(config.loss.epsilon_schedule_epochs * scale))
+    config.train.num_epochs = epochs
+    config.train.eval_every_epochs = epochs
+  return config
+
+
+def _restore_state(config, workdir: str):
+  """The trained state from `workdir`'s last checkpoint (and its model)."""
+  dataset = train.load_dataset(config)
+  input_shape = tuple(dataset.train_images.shape[1:])
+  model = train.create_model(config, dataset.num_classes)
+  steps = max(len(dataset.train_images) // config.train.batch_size, 1)
+  template = train.create_train_state(config, model, jax.random.PRNGKey(0),
+                                      input_shape, steps)
+  # pylint: disable=protected-access
+  manager = train._checkpoint_manager(workdir, config)
+  state = train._restore_or_keep(manager, template)
+  manager.close()
+  # pylint: enable=protected-access
+  return state, dataset
+
+
+def tightness(config, workdir: str, upper: float, pairs: int, steps: int,
+              seed: int = 0) -> dict:
+  """K_lobo on `pairs` training pairs x `steps` Adam steps, and K_lobo/K^f."""
+  state, dataset = _restore_state(config, workdir)
+  images = jnp.asarray(dataset.train_images[:max(4 * pairs, 2)],
+                       jnp.float32) / 255.0
+  x1, x2 = attacks.sample_pairs(images, pairs, jax.random.PRNGKey(seed))
+
+  def logits(x):
+    return state.apply_fn(state.variables, x).logits
+
+  start = time.time()
+  lower, _ = jax.jit(functools.partial(
+      attacks.empirical_lipschitz_lower_bound, logits, num_steps=steps))(
+          x1, x2)
+  lower = float(lower)
+  return {'lipschitz_lower': lower, 'tightness': lower / upper,
+          'tightness_pairs': pairs, 'tightness_steps': steps,
+          'tightness_seconds': time.time() - start}
+
+
+def run_method(method: str, workdir: str, epochs: int | None, tiny: bool,
+               tightness_pairs: int, tightness_steps: int) -> dict:
+  config = make_config(method, epochs, tiny)
+  start = time.time()
+  final = train.train_and_evaluate(config, os.path.join(workdir, method))
+  seconds = time.time() - start
+  row = {'benchmark': 'quality', 'method': method,
+         'model': config.model.name, 'epochs': config.train.num_epochs,
+         'train_examples': config.data.get('num_train_examples') or 50000,
+         'epsilon': config.loss.epsilon,
+         'p': config.loss.p_end if method == 'cll' else None,
+         'bound': config.eval.bound,
+         'clean_accuracy': final['test_accuracy'],
+         'lipschitz_f': final['lipschitz_f'],
+         'lipschitz_hf': final['lipschitz_hf'],
+         'train_eval_seconds': seconds}
+  for radius, name in zip(RADII, train.radius_names(RADII)):
+    row[f'cra_{round(radius * 255)}'] = final[f'test_{name}']
+  if tightness_pairs > 0 and tightness_steps >= 0:
+    row.update(tightness(config, os.path.join(workdir, method),
+                         final['lipschitz_f'], tightness_pairs,
+                         tightness_steps))
+  return row
+
+
+def run(tiny: bool = False, epochs: int | None = None,
+        workdir: str = '/tmp/cll_jax_quality', tightness_pairs: int = 4000,
+        tightness_steps: int = 1000, methods=tuple(METHODS),
+        verbose: bool = True) -> list[dict]:
+  """Trains and evaluates every method; returns one row per method."""
+  if tiny:
+    tightness_pairs, tightness_steps = min(tightness_pairs, 4), min(
+        tightness_steps, 2)
+  rows = [run_method(m, workdir, epochs, tiny, tightness_pairs,
+                     tightness_steps) for m in methods]
+  os.makedirs(workdir, exist_ok=True)
+  paths = [os.path.join(workdir, RESULTS_JSON)]
+  if not tiny:
+    paths.append(REPO_RESULTS)
+  for path in paths:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(rows, f, indent=1)
+  if verbose:
+    print(markdown_table(rows), flush=True)
+  return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+  head = ('| method | model | epochs | clean | CRA 36 | CRA 72 | CRA 108 | '
+          'CRA 255 | K^(f) | K^(h o f) | K_lobo | tightness | train+eval s |')
+  lines = [head, '|' + '---|' * 13]
+  for r in rows:
+    lob = (f"{r['lipschitz_lower']:.3f} ({r['tightness_pairs']}x"
+           f"{r['tightness_steps']})" if 'lipschitz_lower' in r else 'n/a')
+    tight = f"{r['tightness']:.3f}" if 'tightness' in r else 'n/a'
+    lines.append(
+        f"| {r['method']} | {r['model']} | {r['epochs']} | "
+        f"{r['clean_accuracy']:.4f} | {r['cra_36']:.4f} | {r['cra_72']:.4f} | "
+        f"{r['cra_108']:.4f} | {r['cra_255']:.4f} | {r['lipschitz_f']:.3f} | "
+        f"{r['lipschitz_hf']:.3f} | {lob} | {tight} | "
+        f"{r['train_eval_seconds']:.0f} |")
+  return '\n'.join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--tiny', action='store_true')
+  parser.add_argument('--epochs', type=int, default=None,
+                      help='short schedule (default: the configs, 800)')
+  parser.add_argument('--workdir', default='/tmp/cll_jax_quality')
+  parser.add_argument('--tightness-pairs', type=int, default=4000)
+  parser.add_argument('--tightness-steps', type=int, default=1000)
+  parser.add_argument('--methods', default=','.join(METHODS))
+  args = parser.parse_args()
+  run(tiny=args.tiny, epochs=args.epochs, workdir=args.workdir,
+      tightness_pairs=args.tightness_pairs,
+      tightness_steps=args.tightness_steps,
+      methods=tuple(args.methods.split(',')))
+
+
+if __name__ == '__main__':
+  main()

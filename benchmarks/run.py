@@ -1,0 +1,316 @@
+"""Runs every benchmark and writes benchmarks/RESULTS.md.
+
+  python -m benchmarks.run            # full sizes (minutes on 2 CPU cores)
+  python -m benchmarks.run --tiny     # smoke sizes (writes RESULTS_tiny.md)
+
+Sections: the 4C3F training step (and the share of the Lipschitz bound),
+certification throughput, tightness-estimation time, data parallelism on
+1 vs 8 fake devices, the sound-bound benchmark (`benchmarks.sound_bounds`),
+the two-moons study's wall time (`results/moons/moons_results.json`) and
+certified quality on offline CIFAR-10 (`results/quality/quality_results.json`,
+written by `python -m benchmarks.quality`, which is not run here because it
+trains for hours). Every timing is a median after compilation; the machine's
+load average is recorded next to each section because the numbers move with
+it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import traceback
+
+from benchmarks import REPO, git_commit, load_average, machine_info
+from benchmarks import certification
+from benchmarks import data_parallel
+from benchmarks import quality
+from benchmarks import tightness
+from benchmarks import train_step
+
+MOONS_JSON = os.path.join(REPO, 'results', 'moons', 'moons_results.json')
+# Load averages above this (on `os.cpu_count()` cores) mark numbers
+# provisional.
+BUSY_LOAD_PER_CORE = 1.25
+
+
+def _fmt(x, digits=1):
+  if x is None:
+    return 'n/a'
+  if isinstance(x, float):
+    return f'{x:.{digits}f}'
+  return str(x)
+
+
+def _section_train_step(rows) -> list[str]:
+  by = {r['variant']: r for r in rows}
+  out = ['## 1. Training step (4C3F, CIFAR-10 32x32x3, batch 128, CLL)', '',
+         '`cll_jax.train.train_step` jitted with the state donated (as in '
+         '`train_and_evaluate`), random uint8 batch. Median of the timed '
+         'steps after two warm-up steps; compile = first call. `cpu ms` is '
+         'the process CPU time per step (both cores), less distorted by '
+         'other load than wall time.', '',
+         '| variant | augment | power it./step | median ms | min ms | '
+         'cpu ms | compile s |', '|---|---|---|---|---|---|---|']
+  for r in rows:
+    out.append(f"| {r['variant']} | {r['augment']} | "
+               f"{r['power_iterations']} | {_fmt(r['median_ms'])} | "
+               f"{_fmt(r['min_ms'])} | {_fmt(r['cpu_ms'])} | "
+               f"{_fmt(r['compile_s'])} |")
+  if {'cll', 'cll_no_aug', 'cll_pi0', 'no_bound'} <= set(by):
+    full, noaug = by['cll']['median_ms'], by['cll_no_aug']['median_ms']
+    pi0, nob = by['cll_pi0']['median_ms'], by['no_bound']['median_ms']
+    target = train_step.TARGET_FACTOR * train_step.PYTORCH_MS
+    cpu_noaug = by['cll_no_aug']['cpu_ms']
+    cpu_nob, cpu_pi0 = by['no_bound']['cpu_ms'], by['cll_pi0']['cpu_ms']
+    out += ['',
+            f'* Share of the Lipschitz bound (no augmentation), from CPU '
+            f'time: {_fmt(100 * (cpu_noaug - cpu_nob) / cpu_noaug)} % '
+            f'({_fmt(cpu_noaug - cpu_nob)} ms = `cll_no_aug` - `no_bound`), '
+            f'of which the 5 power iterations '
+            f'{_fmt(cpu_noaug - cpu_pi0)} ms (`cll_no_aug` - `cll_pi0`); '
+            f'from wall time: {_fmt(100 * (noaug - nob) / noaug)} % '
+            '(a negative or erratic value means the difference is below the '
+            'noise of the load). PyTorch reference: '
+            f'{_fmt(100 * (1 - train_step.PYTORCH_NO_BOUND_MS / train_step.PYTORCH_MS))}'
+            f' % (160 vs 139 ms).',
+            f'* Augmentation costs {_fmt(full - noaug)} ms per step.',
+            f'* Target: <= {train_step.TARGET_FACTOR} x the PyTorch eager '
+            f'step ({train_step.PYTORCH_MS:.0f} ms) = {target:.0f} ms. '
+            f'Measured {full:.0f} ms with augmentation ({full / train_step.PYTORCH_MS:.2f}x '
+            f'PyTorch), {noaug:.0f} ms without ({noaug / train_step.PYTORCH_MS:.2f}x): '
+            + ('**met**' if noaug <= target else
+               f'**missed** by {noaug - target:.0f} ms ({noaug / target:.2f}x the target)')
+            + ' (compared without augmentation, as the PyTorch figure '
+            'excludes its data pipeline).']
+  return out
+
+
+def _section_certification(rows) -> list[str]:
+  by = {r['variant']: r for r in rows}
+  out = ['## 2. Certification throughput (4C3F)', '',
+         '`plain`: the network alone (no norms, no K_ij), argmax. '
+         '`certified`: `train.eval_step` (accuracy + certified-correct at '
+         '4 radii) with K_ij precomputed. One-off: '
+         '`train.certification_bounds` jitted (`sound`: Gram-iteration '
+         'guaranteed bounds; `power`: converged power-iteration state).', '',
+         '| variant | batch | median ms | cpu ms | images/s | compile s |',
+         '|---|---|---|---|---|---|']
+  for r in rows:
+    out.append(f"| {r['variant']} | {_fmt(r.get('batch'))} | "
+               f"{_fmt(r['median_ms'])} | {_fmt(r['cpu_ms'])} | "
+               f"{_fmt(r.get('images_per_s'), 0)} | {_fmt(r['compile_s'])} |")
+  if {'plain', 'certified'} <= set(by):
+    ratio = by['certified']['images_per_s'] / by['plain']['images_per_s']
+    cpu_ratio = (by['certified']['images_per_cpu_s']
+                 / by['plain']['images_per_cpu_s'])
+    target = certification.TARGET_RATIO
+    out += ['', f'* Certified / plain throughput: {ratio:.2f} (wall), '
+            f'{cpu_ratio:.2f} (CPU time). Target >= {target}: '
+            + ('**met**' if ratio >= target else
+               f'**missed** by {target - ratio:.2f}') + '.',
+            f"* The sound bound is paid once per evaluation: "
+            f"{by['bound_sound']['median_ms']:.0f} ms (+ "
+            f"{by['bound_sound']['compile_s']:.0f} s compile), i.e. "
+            f"{by['bound_sound']['median_ms'] / by['certified']['median_ms']:.1f} "
+            'certified batches.']
+  return out
+
+
+def _section_tightness(rows) -> list[str]:
+  r = rows[0]
+  return ['## 3. Tightness estimation time (4C3F)', '',
+          f"`attacks.empirical_lipschitz_lower_bound`, jitted: {r['pairs']} "
+          f"pairs x {r['steps']} Adam steps took {r['median_ms']:.0f} ms "
+          f"(median of {r['repeats']}; compile {r['compile_s']:.1f} s), "
+          f"{r['per_pair_step_ms']:.3f} ms per pair-step. Each step is one "
+          'forward and backward pass over the 2P points, so the cost is '
+          'linear in pairs x steps (once the batch fills the machine). '
+          f"Extrapolated to the paper's {r['full_pairs']} x "
+          f"{r['full_steps']}: about {r['full_estimate_h']:.1f} h on this "
+          'machine (an upper-side estimate: larger batches use the cores '
+          'better).']
+
+
+def _section_data_parallel(rows) -> list[str]:
+  r = rows[0]
+  n = data_parallel.NUM_DEVICES
+  return ['## 4. Data parallelism: 1 vs 8 fake CPU devices', '',
+          f"Same global batch ({r['batch']}), same initial state, "
+          f"`train_step` with a 'data' mesh. After {r['steps_compared']} "
+          f"steps: max |param diff| = {r['max_abs_param_diff']:.2e} "
+          f"(largest |param| {r['max_abs_param']:.2f}), max |power-iteration "
+          f"vector diff| = {r['max_abs_power_iteration_diff']:.2e}: equal up "
+          'to float32 reduction order.', '',
+          f"Step time: 1 device {r['1dev_median_ms']:.1f} ms, {n} devices "
+          f"{r[f'{n}dev_median_ms']:.1f} ms ({r['time_ratio']:.2f}x). The "
+          f'{n} fake devices share the same 2 cores, so this is the cost of '
+          'partitioning and the all-reduce, not a speed-up; on real devices '
+          'each holds 1/8 of the batch.']
+
+
+def _section_sound_bounds(rows) -> list[str]:
+  if rows is None:
+    return ['## 5. Sound bounds', '',
+            '`benchmarks/sound_bounds.py` was not available when this file '
+            'was written; rerun `python -m benchmarks.run` once it exists.']
+  if isinstance(rows, str):
+    return ['## 5. Sound bounds', '', f'Failed: `{rows}`']
+  keys = [k for k in rows[0] if k != 'benchmark']
+  out = ['## 5. Sound bounds vs converged power iteration '
+         '(`benchmarks.sound_bounds`)', '',
+         '| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
+  for r in rows:
+    out.append('| ' + ' | '.join(
+        f'{r[k]:.4g}' if isinstance(r[k], float) else str(r[k])
+        for k in keys) + ' |')
+  return out
+
+
+def _section_moons() -> list[str]:
+  out = ['## 6. Two-moons study', '']
+  if not os.path.exists(MOONS_JSON):
+    return out + [f'`{os.path.relpath(MOONS_JSON, REPO)}` not found: run '
+                  '`python -m experiments.moons_study`, then this script.']
+  with open(MOONS_JSON) as f:
+    data = json.load(f)
+  walls = {k: v for k, v in _walk(data) if 'wall' in k or 'seconds' in k}
+  out.append(f'From `{os.path.relpath(MOONS_JSON, REPO)}`:')
+  out.append('')
+  for k, v in walls.items():
+    out.append(f'* {k}: {v:.1f} s' if isinstance(v, (int, float))
+               else f'* {k}: {v}')
+  if not walls:
+    out.append('(no wall-time field found in the file)')
+  return out
+
+
+def _walk(obj, prefix=''):
+  if isinstance(obj, dict):
+    for k, v in obj.items():
+      yield from _walk(v, f'{prefix}.{k}' if prefix else str(k))
+  elif not isinstance(obj, list):
+    yield prefix, obj
+
+
+def _section_quality() -> list[str]:
+  out = ['## 7. Certified quality, offline CIFAR-10, 4C3F: CLL vs GloRo', '']
+  if not os.path.exists(quality.REPO_RESULTS):
+    return out + ['Not run yet (hours on CPU). Run e.g. `python -m '
+                  'benchmarks.quality --epochs 20 --tightness-pairs 256 '
+                  '--tightness-steps 100` (short schedule; decays and eps '
+                  'ramp scaled by epochs/800) or `python -m benchmarks.quality`'
+                  ' (the paper schedule, for a GPU), then this script.']
+  with open(quality.REPO_RESULTS) as f:
+    rows = json.load(f)
+  return out + [
+      f"eps = {rows[0]['epsilon']}, CLL p = "
+      f"{next((r['p'] for r in rows if r['p'] is not None), 'n/a')}, bound "
+      f"`{rows[0]['bound']}`, {rows[0]['train_examples']} training images. "
+      'CRA at L2 radius r/255. Tightness = K_lobo / K^(f).', '',
+      quality.markdown_table(rows)]
+
+
+def _safe(name, fn, errors):
+  try:
+    return fn()
+  except Exception:  # pylint: disable=broad-except
+    errors.append(f'{name}: {traceback.format_exc(limit=3)}')
+    return None
+
+
+def run(tiny: bool = False, repeats: int | None = None,
+        output: str | None = None, skip: tuple[str, ...] = ()) -> str:
+  """Runs the benchmarks and writes the markdown report; returns its path."""
+  repeats = repeats or (2 if tiny else 10)
+  output = output or os.path.join(
+      REPO, 'benchmarks', 'RESULTS_tiny.md' if tiny else 'RESULTS.md')
+  started = datetime.datetime.now().astimezone()
+  errors: list[str] = []
+  sections: list[str] = []
+  loads = {}
+
+  def measure(name, fn):
+    if name in skip:
+      return None
+    loads[name] = load_average()
+    print(f'--- {name} (load {loads[name]})', flush=True)
+    return _safe(name, fn, errors)
+
+  steps = measure('train_step', lambda: train_step.run(tiny, repeats))
+  cert = measure('certification',
+                 lambda: certification.run(tiny, repeats))
+  tight = measure('tightness', lambda: tightness.run(tiny))
+  dp = measure('data_parallel', lambda: data_parallel.run(
+      tiny, repeats=max(repeats // 2, 2)))
+  try:
+    sound_module = importlib.import_module('benchmarks.sound_bounds')
+  except ImportError:
+    sound_module = None
+  sound = None
+  if sound_module is not None:
+    sound = measure('sound_bounds', lambda: sound_module.run(
+        tiny=tiny, repeats=3, verbose=False))
+    if sound is None and 'sound_bounds' not in skip:
+      sound = 'see errors'
+
+  info = machine_info()
+  cores = os.cpu_count() or 1
+  busy = any(float(v.split(',')[0]) > BUSY_LOAD_PER_CORE * cores
+             for v in loads.values() if v != 'unknown')
+  head = [
+      '# cll_jax benchmarks' + (' (tiny smoke sizes)' if tiny else ''), '',
+      f"* date: {started.strftime('%Y-%m-%d %H:%M %Z')}",
+      f'* git commit: {git_commit()}',
+      f"* machine: {info['cores']} cores, {info['cpu']}",
+      f"* jax {info['jax']}, backend {info['backend']}, "
+      f"devices {info['devices']}, XLA_FLAGS {info['xla_flags']}",
+      '* load average (1, 5, 15 min) when each section started: '
+      + '; '.join(f'{k} {v}' for k, v in loads.items()),
+      '* command: `python -m benchmarks.run' + (' --tiny' if tiny else '')
+      + '`', '']
+  if busy:
+    head += ['**Provisional:** the machine was shared with other jobs '
+             f'(load above {BUSY_LOAD_PER_CORE} per core) while these ran; '
+             'wall times are inflated, CPU times (`cpu ms`) less so. Rerun on '
+             'a quiet machine for final numbers.', '']
+  if steps:
+    sections += _section_train_step(steps) + ['']
+  if cert:
+    sections += _section_certification(cert) + ['']
+  if tight:
+    sections += _section_tightness(tight) + ['']
+  if dp:
+    sections += _section_data_parallel(dp) + ['']
+  if 'sound_bounds' not in skip:
+    sections += _section_sound_bounds(sound) + ['']
+  sections += _section_moons() + ['']
+  sections += _section_quality() + ['']
+  if errors:
+    sections += ['## Errors', ''] + [f'```\n{e}\n```' for e in errors]
+  text = '\n'.join(head + sections)
+  with open(output, 'w') as f:
+    f.write(text)
+  print(f'wrote {output}', flush=True)
+  if errors:
+    raise RuntimeError('benchmarks failed:\n' + '\n'.join(errors))
+  return output
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--tiny', action='store_true')
+  parser.add_argument('--repeats', type=int, default=None)
+  parser.add_argument('--output', default=None)
+  parser.add_argument('--skip', default='',
+                      help='comma-separated sections to skip, e.g. '
+                      'data_parallel,sound_bounds')
+  args = parser.parse_args()
+  run(tiny=args.tiny, repeats=args.repeats, output=args.output,
+      skip=tuple(filter(None, args.skip.split(','))))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,106 @@
+"""Smoke test: every benchmark runs at tiny sizes and reports sane values.
+
+No timing assertions: only that each benchmark runs, returns the fields the
+report needs, and that the quantities that are not timings are right (the
+data-parallel step equals the single-device step, the report is written).
+"""
+
+import json
+import math
+import os
+
+import pytest
+
+from benchmarks import certification
+from benchmarks import data_parallel
+from benchmarks import quality
+from benchmarks import run as run_lib
+from benchmarks import tightness
+from benchmarks import train_step
+from cll_jax import configs
+
+
+def _positive_finite(row, *keys):
+  for k in keys:
+    assert math.isfinite(row[k]) and row[k] > 0, (k, row[k])
+
+
+def test_plain_forward_matches_model_logits():
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from benchmarks import plain_forward  # pylint: disable=g-import-not-at-top
+  from cll_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create_model('tiny_cnn', 10)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (3, 8, 8, 3))
+  variables = model.init(jax.random.PRNGKey(1), x)
+  np.testing.assert_allclose(
+      plain_forward(model, variables['params'], x),
+      model.apply(variables, x).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_tiny():
+  rows = train_step.run(tiny=True, repeats=1, verbose=False)
+  assert [r['variant'] for r in rows] == ['cll', 'cll_no_aug', 'cll_pi0',
+                                          'no_bound']
+  for r in rows:
+    _positive_finite(r, 'median_ms', 'compile_s', 'cpu_ms')
+
+
+def test_certification_tiny():
+  rows = certification.run(tiny=True, repeats=1, verbose=False)
+  by = {r['variant']: r for r in rows}
+  assert set(by) == {'bound_sound', 'bound_power', 'plain', 'certified'}
+  _positive_finite(by['plain'], 'images_per_s')
+  _positive_finite(by['certified'], 'images_per_s')
+
+
+def test_tightness_tiny():
+  (row,) = tightness.run(tiny=True, verbose=False)
+  assert (row['pairs'], row['steps']) == (4, 2)
+  _positive_finite(row, 'median_ms', 'full_estimate_h')
+
+
+def test_data_parallel_tiny_equal_results():
+  (row,) = data_parallel.run(tiny=True, repeats=1, steps=2, verbose=False)
+  # Same global batch on 1 and 8 devices: identical up to float32
+  # reduction order.
+  assert row['max_abs_param_diff'] <= 1e-4 * max(row['max_abs_param'], 1.0)
+  assert row['max_abs_power_iteration_diff'] <= 1e-4
+  _positive_finite(row, '1dev_median_ms', '8dev_median_ms')
+
+
+def test_quality_config_scales_schedule():
+  config = quality.make_config('gloro', 20, tiny=False)
+  assert config.train.num_epochs == 20
+  assert tuple(config.optimizer.decay_epochs) == (10, 15, 20)
+  assert config.loss.epsilon_schedule_epochs == 10
+  assert config.loss.epsilon == 0.15
+  full = quality.make_config('cll', None, tiny=False)
+  assert full.train.num_epochs == 800 and full.model.name == '4c3f'
+  assert (full.loss.p_start, full.loss.epsilon) == (0.15, 0.15)
+
+
+@pytest.mark.skipif(not os.path.exists(configs.SHARED_CIFAR10),
+                    reason='offline CIFAR-10 copy not present')
+def test_quality_tiny(tmp_path):
+  rows = quality.run(tiny=True, workdir=str(tmp_path), verbose=False)
+  assert [r['method'] for r in rows] == ['cll', 'gloro']
+  for r in rows:
+    for k in ('clean_accuracy', 'cra_36', 'cra_72', 'cra_108', 'cra_255',
+              'tightness'):
+      assert 0.0 <= r[k] <= 1.0, (k, r[k])
+    # CRA can only fall as the radius grows.
+    assert r['cra_36'] >= r['cra_72'] >= r['cra_108'] >= r['cra_255']
+  assert json.load(open(tmp_path / quality.RESULTS_JSON))[0]['method'] == 'cll'
+  assert 'CRA 255' in quality.markdown_table(rows)
+
+
+def test_run_writes_report(tmp_path):
+  out = tmp_path / 'RESULTS.md'
+  run_lib.run(tiny=True, repeats=1, output=str(out),
+              skip=('train_step', 'tightness', 'data_parallel',
+                    'sound_bounds'))
+  text = out.read_text()
+  for needle in ('git commit', 'jax', 'Certification throughput',
+                 'Two-moons', 'Certified quality'):
+    assert needle in text, needle
