@@ -34,6 +34,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cll_jax import attacks
 from cll_jax import configs
@@ -99,8 +100,10 @@ def tightness(config, workdir: str, upper: float, pairs: int, steps: int,
               seed: int = 0) -> dict:
   """K_lobo on `pairs` training pairs x `steps` Adam steps, and K_lobo/K^f."""
   state, dataset = _restore_state(config, workdir)
-  images = jnp.asarray(dataset.train_images[:max(4 * pairs, 2)],
-                       jnp.float32) / 255.0
+  # Loaders group examples by class: draw the pool at random.
+  pool = np.random.default_rng(seed).permutation(
+      len(dataset.train_images))[:max(4 * pairs, 2)]
+  images = jnp.asarray(dataset.train_images[pool], jnp.float32) / 255.0
   x1, x2 = attacks.sample_pairs(images, pairs, jax.random.PRNGKey(seed))
 
   def logits(x):
