@@ -26,6 +26,7 @@ import traceback
 from benchmarks import REPO, git_commit, load_average, machine_info
 from benchmarks import certification
 from benchmarks import data_parallel
+from benchmarks import liplt as liplt_benchmark
 from benchmarks import quality
 from benchmarks import tightness
 from benchmarks import train_step
@@ -222,22 +223,48 @@ def _safe(name, fn, errors):
 
 
 def run(tiny: bool = False, repeats: int | None = None,
-        output: str | None = None, skip: tuple[str, ...] = ()) -> str:
-  """Runs the benchmarks and writes the markdown report; returns its path."""
+        output: str | None = None, skip: tuple[str, ...] = (),
+        reuse: tuple[str, ...] = ()) -> str:
+  """Runs the benchmarks and writes the markdown report; returns its path.
+
+  Every measured section's rows are saved in `measurements/` beside the
+  report;
+  sections named in `reuse` are read from there instead of measured again
+  (the report says so, with the date and load of that measurement).
+  """
   repeats = repeats or (2 if tiny else 10)
   output = output or os.path.join(
       REPO, 'benchmarks', 'RESULTS_tiny.md' if tiny else 'RESULTS.md')
+  cache_dir = os.path.join(os.path.dirname(os.path.abspath(output)),
+                           'measurements')
   started = datetime.datetime.now().astimezone()
   errors: list[str] = []
   sections: list[str] = []
   loads = {}
+  raw_loads = {}  # the load while each section was measured
 
   def measure(name, fn):
+    cache = os.path.join(cache_dir, f'{name}{"_tiny" if tiny else ""}.json')
+    if name in reuse:
+      if not os.path.exists(cache):
+        errors.append(f'{name}: --reuse asked, but {cache} does not exist')
+        return None
+      with open(cache) as f:
+        saved = json.load(f)
+      loads[name] = f"reused from {saved['date']}, load {saved['load']}"
+      raw_loads[name] = saved['load']
+      return saved['rows']
     if name in skip:
       return None
-    loads[name] = load_average()
+    loads[name] = raw_loads[name] = load_average()
     print(f'--- {name} (load {loads[name]})', flush=True)
-    return _safe(name, fn, errors)
+    rows = _safe(name, fn, errors)
+    if rows is not None:
+      os.makedirs(cache_dir, exist_ok=True)
+      with open(cache, 'w') as f:
+        json.dump({'date': started.strftime('%Y-%m-%d %H:%M %Z'),
+                   'load': loads[name], 'rows': rows}, f, default=float)
+    return rows
 
   steps = measure('train_step', lambda: train_step.run(tiny, repeats))
   cert = measure('certification',
@@ -255,11 +282,14 @@ def run(tiny: bool = False, repeats: int | None = None,
         tiny=tiny, repeats=3, verbose=False))
     if sound is None and 'sound_bounds' not in skip:
       sound = 'see errors'
+  lipschitz_lt = measure('liplt', lambda: liplt_benchmark.run(
+      tiny=tiny, train_steps=2 if tiny else 0, verbose=False,
+      models_to_run=None if tiny else ('4c3f', '6c2f')))
 
   info = machine_info()
   cores = os.cpu_count() or 1
   busy = any(float(v.split(',')[0]) > BUSY_LOAD_PER_CORE * cores
-             for v in loads.values() if v != 'unknown')
+             for v in raw_loads.values() if v != 'unknown')
   head = [
       '# cll_jax benchmarks' + (' (tiny smoke sizes)' if tiny else ''), '',
       f"* date: {started.strftime('%Y-%m-%d %H:%M %Z')}",
@@ -286,6 +316,8 @@ def run(tiny: bool = False, repeats: int | None = None,
     sections += _section_data_parallel(dp) + ['']
   if 'sound_bounds' not in skip:
     sections += _section_sound_bounds(sound) + ['']
+  if lipschitz_lt:
+    sections += [liplt_benchmark.format_markdown(lipschitz_lt), '']
   sections += _section_moons() + ['']
   sections += _section_quality() + ['']
   if errors:
@@ -307,9 +339,15 @@ def main() -> None:
   parser.add_argument('--skip', default='',
                       help='comma-separated sections to skip, e.g. '
                       'data_parallel,sound_bounds')
+  parser.add_argument('--reuse', default='',
+                      help='comma-separated sections to take from the last '
+                      'saved measurement (measurements/ beside the report) '
+                      'instead '
+                      'of measuring again, e.g. sound_bounds,liplt')
   args = parser.parse_args()
   run(tiny=args.tiny, repeats=args.repeats, output=args.output,
-      skip=tuple(filter(None, args.skip.split(','))))
+      skip=tuple(filter(None, args.skip.split(','))),
+      reuse=tuple(filter(None, args.reuse.split(','))))
 
 
 if __name__ == '__main__':

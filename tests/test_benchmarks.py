@@ -99,7 +99,14 @@ def test_run_writes_report(tmp_path):
   out = tmp_path / 'RESULTS.md'
   run_lib.run(tiny=True, repeats=1, output=str(out),
               skip=('train_step', 'tightness', 'data_parallel',
-                    'sound_bounds'))
+                    'sound_bounds', 'liplt'))
+  assert (tmp_path / 'measurements' / 'certification_tiny.json').exists()
+  # A second report reuses the saved measurement instead of measuring.
+  again = tmp_path / 'AGAIN.md'
+  run_lib.run(tiny=True, repeats=1, output=str(again),
+              skip=('train_step', 'tightness', 'data_parallel',
+                    'sound_bounds', 'liplt'), reuse=('certification',))
+  assert 'certification reused from' in again.read_text()
   text = out.read_text()
   for needle in ('git commit', 'jax', 'Certification throughput',
                  'Two-moons', 'Certified quality'):
