@@ -86,6 +86,16 @@ def _section_train_step(rows) -> list[str]:
                f'**missed** by {noaug - target:.0f} ms ({noaug / target:.2f}x the target)')
             + ' (compared without augmentation, as the PyTorch figure '
             'excludes its data pipeline).']
+  out += ['', '* What moved it (measured by the session that added them): on '
+          'CPU, `LinearOperator` computes convs with at most 4 input channels '
+          'by im2col + one einsum (RGB layer fwd+grad 69 -> 23 ms) and the '
+          'input gradient of strided convs as a stride-1 conv on a '
+          'space-to-depth input (c(32,4,2,1): 61-71 -> 16 ms); power '
+          'iteration is unrolled. Together about 347 -> 187 ms per step. '
+          'GPU/TPU keep the plain `lax.conv_general_dilated`. Tried without '
+          'gain: XLA oneDNN / library-fusion flags, patches + matmul convs, '
+          'matmul kernel gradients, a full space-to-depth form. The rest is '
+          "XLA's CPU conv kernel gradients (25-45 ms per conv layer)."]
   return out
 
 
@@ -206,6 +216,17 @@ def _section_quality() -> list[str]:
                   ' (the paper schedule, for a GPU), then this script.']
   with open(quality.REPO_RESULTS) as f:
     rows = json.load(f)
+  by = {r['method']: r for r in rows}
+  if 'cll' in by and 'gloro' in by:
+    gain = 100 * (by['cll']['cra_36'] - by['gloro']['cra_36'])
+    out += [f"CLL - GloRo at 36/255: {gain:+.1f} points after "
+            f"{by['cll']['epochs']} epochs (paper, 800 epochs on the original "
+            'CIFAR-10: +1.8). A short schedule scales the learning-rate decays '
+            "and GloRo's eps ramp by epochs/800, and CLL converges faster "
+            '(paper fig. D1), so this gap is not the paper\'s: run the full '
+            'schedule (`python -m benchmarks.quality`, a GPU) to compare. '
+            'Tightness here uses few pairs and steps (columns) on barely '
+            'trained models, so it is far below the paper\'s 71-80%.', '']
   return out + [
       f"eps = {rows[0]['epsilon']}, CLL p = "
       f"{next((r['p'] for r in rows if r['p'] is not None), 'n/a')}, bound "
@@ -252,7 +273,6 @@ def run(tiny: bool = False, repeats: int | None = None,
       with open(cache) as f:
         saved = json.load(f)
       loads[name] = f"reused from {saved['date']}, load {saved['load']}"
-      raw_loads[name] = saved['load']
       return saved['rows']
     if name in skip:
       return None
@@ -303,7 +323,8 @@ def run(tiny: bool = False, repeats: int | None = None,
       + '`', '']
   if busy:
     head += ['**Provisional:** the machine was shared with other jobs '
-             f'(load above {BUSY_LOAD_PER_CORE} per core) while these ran; '
+             f'(load above {BUSY_LOAD_PER_CORE} per core) while sections '
+             'measured by this run ran; '
              'wall times are inflated, CPU times (`cpu ms`) less so. Rerun on '
              'a quiet machine for final numbers.', '']
   if steps:
