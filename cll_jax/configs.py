@@ -155,3 +155,26 @@ def make_tiny(c: ml_collections.ConfigDict, epochs: int = 2) -> None:
   c.train.log_every_steps = 4
   c.loss.trades_beta_epochs = epochs
   c.loss.crm_warmup_epochs = min(c.loss.crm_warmup_epochs, 1)
+
+
+def use_crm(c: ml_collections.ConfigDict, *, crm_lambda: float,
+            temperature: float, radius_threshold: float, epochs: int,
+            batch_size: int, bound: str = 'liplt') -> None:
+  """The CRM/LipLT set-up of arXiv 2310.00116 on a ReLU network.
+
+  CRM loss (soft-min of the radii of the dynamic set below R0, plain
+  cross-entropy for the first 10 epochs), no K^2 term, Adam at 1e-3 (not
+  given in the paper summary) without decay.
+  """
+  c.model.activation = 'relu'  # LipLT needs an elementwise activation.
+  c.model.bound = bound
+  c.loss.name = 'crm'
+  c.loss.crm_lambda = crm_lambda
+  c.loss.crm_temperature = temperature
+  c.loss.crm_radius_threshold = radius_threshold
+  c.loss.crm_warmup_epochs = 10
+  c.loss.lam = 0.0
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.decay_epochs = ()
+  c.train.num_epochs = epochs
+  c.train.batch_size = batch_size

@@ -23,24 +23,15 @@ def get_config(arg=None):
                           loss='crm', tiny=False)
   c = configs.default_config()
   c.model.name = arg.model
-  c.model.activation = 'relu'  # LipLT needs an elementwise activation.
-  c.model.bound = arg.bound
   configs.set_cifar10_source(c, arg.data)
-  c.loss.name = arg.loss
-  c.loss.crm_lambda = 15.0
-  c.loss.crm_temperature = 5.0
-  c.loss.crm_radius_threshold = 0.2
-  c.loss.crm_warmup_epochs = 10
+  configs.use_crm(c, crm_lambda=15.0, temperature=5.0, radius_threshold=0.2,
+                  epochs=400, batch_size=512, bound=arg.bound)
   c.loss.epsilon = 36 / 255  # Reported radius; used for train-CRA metrics.
-  c.loss.lam = 0.0  # CRM has no K^2 term; the radii terms shape K.
   if arg.loss == 'cll':  # CLL's CIFAR-10 settings (B4) on this network.
+    c.loss.name = 'cll'
     c.loss.epsilon = 0.15
     c.loss.p_start = c.loss.p_end = 0.15
     c.loss.lam = 1e-4
-  c.optimizer.learning_rate = 1e-3  # Not given in the summary; Adam default.
-  c.optimizer.decay_epochs = ()
-  c.train.num_epochs = 400
-  c.train.batch_size = 512
   if arg.tiny:
     configs.make_tiny(c)
   return c

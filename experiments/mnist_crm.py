@@ -16,22 +16,12 @@ def get_config(arg=None):
   arg = configs.parse_arg(arg, bound='liplt', tiny=False)
   c = configs.default_config()
   c.model.name = '4c3f'
-  c.model.activation = 'relu'
-  c.model.bound = arg.bound
   c.data.name = 'mnist'
   c.data.augment.enabled = False  # No augmentation is reported for MNIST.
-  c.loss.name = 'crm'
-  c.loss.crm_lambda = 30.0
-  c.loss.crm_temperature = 5.0
-  c.loss.crm_radius_threshold = 2.2
-  c.loss.crm_warmup_epochs = 10
+  configs.use_crm(c, crm_lambda=30.0, temperature=5.0, radius_threshold=2.2,
+                  epochs=400, batch_size=512, bound=arg.bound)
   c.loss.epsilon = 1.58  # The usual MNIST L2 radius for reporting.
   c.eval.radii = (1.58,)
-  c.loss.lam = 0.0
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.decay_epochs = ()
-  c.train.num_epochs = 400
-  c.train.batch_size = 512
   if arg.tiny:
     configs.make_tiny(c)
   return c

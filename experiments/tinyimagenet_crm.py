@@ -17,23 +17,13 @@ def get_config(arg=None):
                           download=False, bound='liplt', tiny=False)
   c = configs.default_config()
   c.model.name = '8c2f'
-  c.model.activation = 'relu'
-  c.model.bound = arg.bound
   c.data.name = 'tiny_imagenet'
   c.data.kwargs.root = arg.root
   c.data.kwargs.download = arg.download
   c.data.augment.crop_padding = 8
-  c.loss.name = 'crm'
-  c.loss.crm_lambda = 150.0
-  c.loss.crm_temperature = 12.0
-  c.loss.crm_radius_threshold = 0.2
-  c.loss.crm_warmup_epochs = 10
+  configs.use_crm(c, crm_lambda=150.0, temperature=12.0, radius_threshold=0.2,
+                  epochs=300, batch_size=256, bound=arg.bound)
   c.loss.epsilon = 36 / 255
-  c.loss.lam = 0.0
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.decay_epochs = ()
-  c.train.num_epochs = 300
-  c.train.batch_size = 256
   if arg.tiny:
     configs.make_tiny(c)
   return c
