@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import fake_batch, load_average, time_calls
+from benchmarks import train_step as train_step_benchmark
 from cll_jax import liplt
 from cll_jax import lipschitz
 from cll_jax import models
@@ -101,14 +102,6 @@ def _config(case: Case, bound: str):
   # the robust term is what shapes the bound.
   config.loss.crm_warmup_epochs = 0
   return config
-
-
-def _step_fn(config, steps_per_epoch: int = 390):
-  sched = train.loss_schedules(config, steps_per_epoch)
-  return jax.jit(functools.partial(
-      train.train_step, config=config, sched=sched,
-      steps_per_epoch=steps_per_epoch, rng=jax.random.PRNGKey(1)),
-      donate_argnums=0)
 
 
 def _new_state(case: Case, bound: str, seed: int):
@@ -217,7 +210,7 @@ def _train_batches(case: Case, tiny: bool, seed: int):
 def trained_variables(case: Case, steps: int, tiny: bool, seed: int = 0):
   """Variables after `steps` CRM steps with the LipLT bound; and the loss."""
   config, model, state = _new_state(case, 'liplt', seed)
-  step = _step_fn(config)
+  step = train_step_benchmark.train_step_fn(config)
   batches = _train_batches(case, tiny, seed)
   metrics = {}
   for _ in range(steps):
@@ -232,7 +225,7 @@ def trained_variables(case: Case, steps: int, tiny: bool, seed: int = 0):
 def time_train_step(case: Case, bound: str, repeats: int,
                     seed: int = 0) -> dict:
   config, _, state = _new_state(case, bound, seed)
-  step = _step_fn(config)
+  step = train_step_benchmark.train_step_fn(config)
   batch = fake_batch(jax.random.PRNGKey(seed + 1), case.batch,
                      case.input_shape, case.num_classes)
   holder = {'state': state}

@@ -83,16 +83,8 @@ def make_config(method: str, epochs: int | None, tiny: bool):
 def _restore_state(config, workdir: str):
   """The trained state from `workdir`'s last checkpoint (and its model)."""
   dataset = train.load_dataset(config)
-  input_shape = tuple(dataset.train_images.shape[1:])
-  model = train.create_model(config, dataset.num_classes)
-  steps = max(len(dataset.train_images) // config.train.batch_size, 1)
-  template = train.create_train_state(config, model, jax.random.PRNGKey(0),
-                                      input_shape, steps)
-  # pylint: disable=protected-access
-  manager = train._checkpoint_manager(workdir, config)
-  state = train._restore_or_keep(manager, template)
-  manager.close()
-  # pylint: enable=protected-access
+  _, state = train.restore_state(config, workdir, dataset.num_classes,
+                                 dataset.train_images.shape[1:])
   return state, dataset
 
 

@@ -62,7 +62,7 @@ def _section_train_step(rows) -> list[str]:
                f"{_fmt(r['compile_s'])} |")
   if {'cll', 'cll_no_aug', 'cll_pi0', 'no_bound'} <= set(by):
     full, noaug = by['cll']['median_ms'], by['cll_no_aug']['median_ms']
-    pi0, nob = by['cll_pi0']['median_ms'], by['no_bound']['median_ms']
+    nob = by['no_bound']['median_ms']
     target = train_step.TARGET_FACTOR * train_step.PYTORCH_MS
     cpu_noaug = by['cll_no_aug']['cpu_ms']
     cpu_nob, cpu_pi0 = by['no_bound']['cpu_ms'], by['cll_pi0']['cpu_ms']

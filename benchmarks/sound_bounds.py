@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cll_jax import sound_bounds

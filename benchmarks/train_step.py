@@ -23,7 +23,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from benchmarks import fake_batch, plain_forward, time_calls
 from cll_jax import losses

@@ -15,10 +15,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import flax.struct
 import jax
@@ -408,6 +407,29 @@ def _restore_or_keep(manager, state: TrainState) -> TrainState:
     return state
   logging.info('resuming from checkpoint at step %d', latest)
   return manager.restore(latest, args=ocp.args.StandardRestore(state))
+
+
+def restore_state(config, workdir: str, num_classes: int,
+                  input_shape) -> tuple[models.LipschitzNetwork, TrainState]:
+  """The model and the state of `workdir`'s latest checkpoint.
+
+  The optimizer state's structure does not depend on the schedules, so the
+  template is built with a nominal one step per epoch.
+
+  Raises:
+    FileNotFoundError: `workdir` holds no checkpoint.
+  """
+  model = create_model(config, num_classes)
+  template = create_train_state(config, model, jax.random.PRNGKey(0),
+                                tuple(input_shape), steps_per_epoch=1)
+  manager = _checkpoint_manager(workdir, config)
+  try:
+    if manager.latest_step() is None:
+      raise FileNotFoundError(f'no checkpoint in {workdir}')
+    state = _restore_or_keep(manager, template)
+  finally:
+    manager.close()
+  return model, state
 
 
 def _save(manager, state: TrainState, force: bool = False) -> None:

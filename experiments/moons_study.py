@@ -52,7 +52,6 @@ import ml_collections
 import numpy as np
 
 from cll_jax import certify
-from cll_jax import layers
 from cll_jax import losses
 from cll_jax import sweep
 from cll_jax import train

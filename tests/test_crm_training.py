@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,13 +41,8 @@ def test_tiny_crm_liplt_run_certifies_points(tmp_path):
 
   # The LipLT bound the model trained with is no looser than the naive
   # product of the same converged layer norms.
-  dataset = train.load_dataset(config)
-  model = train.create_model(config, dataset.num_classes)
-  state = train.create_train_state(config, model, jax.random.PRNGKey(0),
-                                   (8, 8, 3), steps_per_epoch=1)
-  manager = train._checkpoint_manager(str(tmp_path / 'run'), config)
-  state = train._restore_or_keep(manager, state)
-  manager.close()
+  model, state = train.restore_state(config, str(tmp_path / 'run'), 4,
+                                     (8, 8, 3))
   liplt_bounds = train.certification_bounds(state, model, (8, 8, 3), 'power')
   naive_model = model.clone(bound='naive')
   naive_state = {k: v for k, v in state.power_iteration.items()

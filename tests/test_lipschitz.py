@@ -9,7 +9,6 @@ map; the two are first checked to agree.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

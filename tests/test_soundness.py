@@ -22,16 +22,6 @@ from experiments import moons_cll
 import image_fixtures
 
 
-def _restore(config, workdir, input_shape, num_classes):
-  model = train.create_model(config, num_classes)
-  state = train.create_train_state(config, model, jax.random.PRNGKey(0),
-                                   input_shape, steps_per_epoch=1)
-  manager = train._checkpoint_manager(workdir, config)
-  state = train._restore_or_keep(manager, state)
-  manager.close()
-  return model, state
-
-
 @pytest.fixture(scope='module')
 def trained_moons(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('moons'))
@@ -48,7 +38,7 @@ def trained_moons(tmp_path_factory):
   config.loss.p_start = config.loss.p_end = 0.01
   train.train_and_evaluate(config, workdir)
   dataset = train.load_dataset(config)
-  model, state = _restore(config, workdir, (2,), 2)
+  model, state = train.restore_state(config, workdir, 2, (2,))
   return dict(config=config, model=model, state=state,
               x=jnp.asarray(dataset.test_images), input_shape=(2,),
               clip=(None, None))
@@ -75,7 +65,7 @@ def trained_images(tmp_path_factory):
   config.loss.epsilon = 0.3
   train.train_and_evaluate(config, workdir)
   dataset = train.load_dataset(config)
-  model, state = _restore(config, workdir, (8, 8, 3), 4)
+  model, state = train.restore_state(config, workdir, 4, (8, 8, 3))
   x = jnp.asarray(dataset.test_images, jnp.float32) / 255.0
   return dict(config=config, model=model, state=state, x=x,
               input_shape=(8, 8, 3), clip=(0.0, 1.0))

@@ -52,12 +52,8 @@ def test_end_to_end_moons_reports_certified_numbers_from_certify_path(tmp_path):
   # Recompute CRA independently: restore the final checkpoint, bound every
   # layer with the sound bounds, certify with the strict margin rule.
   dataset = train.load_dataset(config)
-  model = train.create_model(config, dataset.num_classes)
-  state = train.create_train_state(config, model, jax.random.PRNGKey(1),
-                                   (2,), steps_per_epoch=4)
-  manager = train._checkpoint_manager(str(tmp_path), config)
-  state = train._restore_or_keep(manager, state)
-  manager.close()
+  model, state = train.restore_state(config, str(tmp_path),
+                                     dataset.num_classes, (2,))
   ops = models.network_operators(model, state.params, (2,))
   norms = [float(sound_bounds.operator_norm_upper_bound(op)) for op in ops]
   out = model.apply(state.variables, jnp.asarray(dataset.test_images))
@@ -136,13 +132,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, monkeypatch):
   resumed = train.train_and_evaluate(config, str(tmp_path / 'killed'))
 
   def final_params(workdir):
-    model = train.create_model(config, 2)
-    state = train.create_train_state(config, model, jax.random.PRNGKey(9),
-                                     (2,), steps_per_epoch=4)
-    manager = train._checkpoint_manager(workdir, config)
-    state = train._restore_or_keep(manager, state)
-    manager.close()
-    return state
+    return train.restore_state(config, workdir, 2, (2,))[1]
 
   a = final_params(str(tmp_path / 'straight'))
   b = final_params(str(tmp_path / 'killed'))
