@@ -1,7 +1,7 @@
 r"""The two-moons study of the CLL paper: fig. 4 (CLL vs GloRo) and fig. D2.
 
   python -m experiments.moons_study [--output_dir=results/moons] \
-      [--epochs=1000]
+      [--epochs=1000] [--seed=0] [--comparison_seeds=1,2,3,4]
 
 Trains, with the table B1 set-up (`experiments/moons_cll.py`,
 `experiments/moons_gloro.py`: MLP 2-10-20-40-40-20-10-2 with MinMax, 2,000
@@ -14,7 +14,10 @@ training points with uniform disc noise of radius 0.1, 1000 epochs, batch
   with a constant p. The figure quotes p_code in {0.75, 0.25, 0.01, 1e-4} in
   the official code's convention (margin width logit(1 - p/2) - logit(p/2));
   this library's p is that of CLL eq. 5 and lies in (0, 0.5), so
-  p = p_code / 2 is used (see `losses.calibrated_scale`).
+  p = p_code / 2 is used (see `losses.calibrated_scale`);
+* seed comparison: CLL vs GloRo at eps = 0.15 (the true margin) repeated on
+  `--comparison_seeds` (each seed draws its own data noise, init and batch
+  order), because on one seed the two differ by a point of 2,000 at most.
 
 The runs of each loss train together in one jitted, vmapped sweep
 (`cll_jax.sweep`): the CLL sweep holds the fig. 4 and fig. D2 runs (8), the
@@ -30,8 +33,9 @@ K^(h o f) (CLL: 1 / sigma_eps(p_final), CLL sec. 3.3; GloRo: K^(f), its
 softmax has unit scale).
 
 Outputs in `--output_dir`: moons_fig4.png, moons_slack_d2.png,
-moons_results.json, moons_results.md and moons_params.npz (every run's final
-parameters and power-iteration vectors, keys '<run>/<collection>/<layer>/<name>').
+moons_results.json, moons_results.md (both with the seed comparison) and
+moons_params.npz (the figure runs' final parameters and power-iteration
+vectors, keys '<run>/<collection>/<layer>/<name>').
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ def make_config(loss: str, epsilon: float, p: float | None, *, epochs: int,
   module = {'cll': moons_cll, 'gloro': moons_gloro}[loss]
   c = module.get_config(arg)
   c.seed = seed
+  c.data.kwargs.seed = seed
   c.train.num_epochs = epochs
   # 400 of 1000 epochs in B1; the same fraction for shortened runs.
   c.optimizer.decay_epochs = (max(1, round(DECAY_FRACTION * epochs)),)
@@ -321,15 +326,146 @@ def _flat_variables(prefix: str, variables) -> dict[str, np.ndarray]:
 # The study
 
 
+def train_and_evaluate_runs(specs: Sequence[RunSpec], model, dataset, *,
+                            epochs: int, converge_every: int,
+                            epochs_per_call: int, bounds_fn, logits_fn,
+                            grid_resolution: int | None = None):
+  """Trains `specs` (one vmapped sweep per loss) and evaluates every run.
+
+  Returns:
+    (records, masks, grids, params, sweep_times): the table records in the
+    order of `specs`; per run name the training-point mask of
+    `evaluate_run`, the decision grid (only if `grid_resolution`) and the
+    flat final variables; per loss the sweep's wall time in seconds.
+  """
+  records, masks, grids, params, sweep_times = [], {}, {}, {}, {}
+  for loss in dict.fromkeys(s.loss for s in specs):
+    group = [s for s in specs if s.loss == loss]
+    start = time.time()
+    sw = sweep.Sweep([s.config for s in group], model, dataset.train_images,
+                     dataset.train_labels, converge_every=converge_every,
+                     epochs_per_call=epochs_per_call)
+    states, _ = sw.train(epochs, log=lambda m, l=loss: logging.info(
+        '%s sweep: %s', l, m))
+    jax.block_until_ready(states)
+    sweep_times[loss] = time.time() - start
+    logging.info('%s sweep (%d runs): %.1f s', loss, len(group),
+                 sweep_times[loss])
+    for i, spec in enumerate(group):
+      state = sweep.unstack(states, i)
+      record, ok = evaluate_run(spec, state, model, dataset,
+                                sw.steps_per_epoch, bounds_fn, logits_fn)
+      record['sweep_wall_time_s'] = sweep_times[loss]
+      record['sweep_runs'] = len(group)
+      records.append(record)
+      masks[spec.name] = ok
+      if grid_resolution:
+        grids[spec.name] = decision_grid(model, state.variables, logits_fn,
+                                         grid_resolution)
+      params.update(_flat_variables(spec.name, state.variables))
+      logging.info('%s: %s', spec.name, {k: v for k, v in record.items()
+                                          if not isinstance(v, list)})
+  order = {s.name: i for i, s in enumerate(specs)}
+  records.sort(key=lambda r: order[r['name']])
+  return records, masks, grids, params, sweep_times
+
+
+def seed_comparison(seeds: Sequence[int], epsilon: float, model, *,
+                    epochs: int, converge_every: int, epochs_per_call: int,
+                    bounds_fn, logits_fn, known_records: Sequence[dict] = (),
+                    **config_kwargs) -> dict[str, Any]:
+  """CLL vs GloRo at one eps over several seeds (data, init, batch order).
+
+  One seed decides the fig. 4 comparison at the true margin by a point or
+  two of 2,000, so the study repeats that pair over `seeds` and counts.
+  `known_records`: records of already trained pairs (with their 'seed'),
+  e.g. the main study's, counted without retraining.
+
+  Returns:
+    {'epsilon', 'seeds', 'runs': records (with 'seed'), 'summary'}.
+  """
+  records = [dict(r) for r in known_records]
+  known_seeds = list(dict.fromkeys(r['seed'] for r in records))
+  new_seeds = [s for s in seeds if s not in known_seeds]
+  seeds = known_seeds + new_seeds
+  for seed in new_seeds:
+    specs = [RunSpec(f'{loss}_eps{epsilon:g}_seed{seed}', 'seeds', loss,
+                     epsilon, None, make_config(loss, epsilon, None,
+                                                epochs=epochs, seed=seed,
+                                                **config_kwargs))
+             for loss in ('cll', 'gloro')]
+    dataset = train.load_dataset(specs[0].config)
+    recs, *_ = train_and_evaluate_runs(
+        specs, model, dataset, epochs=epochs, converge_every=converge_every,
+        epochs_per_call=epochs_per_call, bounds_fn=bounds_fn,
+        logits_fn=logits_fn)
+    for r in recs:
+      r['seed'] = seed
+    records.extend(recs)
+  by = {(r['seed'], r['loss']): r for r in records}
+  pairs = [(by[(s, 'cll')], by[(s, 'gloro')]) for s in seeds]
+  summary = {
+      'num_seeds': len(seeds),
+      'gloro_train_cra_below_cll': sum(
+          g['train_cra'] < c['train_cra'] for c, g in pairs),
+      'gloro_train_cra_equal_cll': sum(
+          g['train_cra'] == c['train_cra'] for c, g in pairs),
+      'cll_K_hf_above_gloro': sum(c['K_hf'] > g['K_hf'] for c, g in pairs),
+      **{f'{loss}_mean_train_cra': float(np.mean(
+          [by[(s, loss)]['train_cra'] for s in seeds]))
+         for loss in ('cll', 'gloro')},
+      **{f'{loss}_mean_val_cra': float(np.mean(
+          [by[(s, loss)]['val_cra'] for s in seeds]))
+         for loss in ('cll', 'gloro')},
+  }
+  return {'epsilon': epsilon, 'seeds': list(seeds), 'runs': records,
+          'summary': summary}
+
+
+def seed_table(comparison: dict[str, Any]) -> str:
+  """Markdown section of `seed_comparison`'s result."""
+  s = comparison['summary']
+  eps = comparison['epsilon']
+  lines = [
+      f'## CLL vs GloRo at 2 eps = {2 * eps:.2g} over seeds',
+      '',
+      f'Seeds {comparison["seeds"]} (data noise, init and batch order). '
+      f'GloRo\'s train CRA is below CLL\'s in '
+      f'{s["gloro_train_cra_below_cll"]} of {s["num_seeds"]} seeds (equal in '
+      f'{s["gloro_train_cra_equal_cll"]}); K^(h o f) of CLL is above '
+      f'GloRo\'s in {s["cll_K_hf_above_gloro"]} of {s["num_seeds"]}. Mean '
+      f'train CRA: CLL {100 * s["cll_mean_train_cra"]:.3f}%, GloRo '
+      f'{100 * s["gloro_mean_train_cra"]:.3f}%; mean val CRA: CLL '
+      f'{100 * s["cll_mean_val_cra"]:.3f}%, GloRo '
+      f'{100 * s["gloro_mean_val_cra"]:.3f}%.',
+      '',
+      '| seed | loss | train CRA | not certified (of train) | val CRA '
+      '| K^(f) | K^(h o f) |',
+      '|---|---|---|---|---|---|---|',
+  ]
+  for r in comparison['runs']:
+    lines.append(
+        f'| {r["seed"]} | {r["loss"]} | {100 * r["train_cra"]:.2f}% | '
+        f'{r["num_train"] - r["train_certified_count"]} | '
+        f'{100 * r["val_cra"]:.2f}% | {r["K_f"]:.4g} | {r["K_hf"]:.4g} |')
+  lines.append('')
+  return '\n'.join(lines)
+
+
 def run_study(output_dir: str, *, epochs: int = 1000,
               eps_values: Sequence[float] = FIG4_EPS,
               slack_eps: float = SLACK_EPS,
               slack_p_code: Sequence[float] = SLACK_P_CODE,
               num_train: int = 2000, num_val: int = 20000,
               batch_size: int = 100, seed: int = 0, converge_every: int = 1,
-              epochs_per_call: int = 50, grid_resolution: int = 300
-              ) -> dict[str, Any]:
+              epochs_per_call: int = 50, grid_resolution: int = 300,
+              comparison_seeds: Sequence[int] = (),
+              comparison_eps: float = SLACK_EPS) -> dict[str, Any]:
   """Trains and evaluates every run, writes figures and tables.
+
+  With `comparison_seeds`, also repeats CLL vs GloRo at `comparison_eps`
+  for each of those seeds (`seed_comparison`); the result goes into the
+  JSON ('seed_comparison') and a section of the markdown table.
 
   Returns:
     The content of moons_results.json.
@@ -347,59 +483,52 @@ def run_study(output_dir: str, *, epochs: int = 1000,
   bounds_fn = jax.jit(lambda st: train.certification_bounds(
       st, model, input_shape, method='sound'))
   logits_fn = jax.jit(functools.partial(_logits, model))
+  train_kwargs = dict(epochs=epochs, converge_every=converge_every,
+                      epochs_per_call=epochs_per_call, bounds_fn=bounds_fn,
+                      logits_fn=logits_fn)
 
-  records, grids, masks, params = [], {}, {}, {}
-  sweep_times = {}
-  for loss in ('cll', 'gloro'):
-    specs = [r for r in runs if r.loss == loss]
-    start = time.time()
-    sw = sweep.Sweep([s.config for s in specs], model, dataset.train_images,
-                     dataset.train_labels, converge_every=converge_every,
-                     epochs_per_call=epochs_per_call)
-    states, _ = sw.train(epochs, log=lambda m, l=loss: logging.info(
-        '%s sweep: %s', l, m))
-    jax.block_until_ready(states)
-    sweep_times[loss] = time.time() - start
-    logging.info('%s sweep (%d runs): %.1f s', loss, len(specs),
-                 sweep_times[loss])
-    for i, spec in enumerate(specs):
-      state = sweep.unstack(states, i)
-      record, ok = evaluate_run(spec, state, model, dataset,
-                                sw.steps_per_epoch, bounds_fn, logits_fn)
-      record['sweep_wall_time_s'] = sweep_times[loss]
-      record['sweep_runs'] = len(specs)
-      records.append(record)
-      masks[spec.name] = ok
-      grids[spec.name] = decision_grid(model, state.variables, logits_fn,
-                                       grid_resolution)
-      params.update(_flat_variables(spec.name, state.variables))
-      logging.info('%s: %s', spec.name, {k: v for k, v in record.items()
-                                          if not isinstance(v, list)})
-  # Table order: fig. 4 CLL, fig. 4 GloRo, then the slack runs.
-  order = {r.name: i for i, r in enumerate(runs)}
-  records.sort(key=lambda r: order[r['name']])
+  records, masks, grids, params, sweep_times = train_and_evaluate_runs(
+      runs, model, dataset, grid_resolution=grid_resolution, **train_kwargs)
 
   setup = dict(kwargs, eps_values=list(eps_values), slack_eps=slack_eps,
                slack_p_code=list(slack_p_code), converge_every=converge_every,
-               certification='sound', devices=str(jax.devices()))
+               certification='sound', devices=str(jax.devices()),
+               arc_positions=base.data.kwargs.arc_positions)
   plot_fig4(os.path.join(output_dir, 'moons_fig4.png'), records, grids,
             dataset, masks)
   plot_slack(os.path.join(output_dir, 'moons_slack_d2.png'), records, grids,
              dataset, masks)
   np.savez_compressed(os.path.join(output_dir, 'moons_params.npz'), **params)
+  comparison = None
+  if comparison_seeds:
+    start = time.time()
+    known = [dict(r, seed=seed) for r in records if r['group'] == 'fig4'
+             and r['epsilon'] == comparison_eps]
+    comparison = seed_comparison(
+        comparison_seeds, comparison_eps, model, num_train=num_train,
+        num_val=num_val, batch_size=batch_size, known_records=known,
+        **train_kwargs)
+    sweep_times['seed_comparison'] = time.time() - start
   total = time.time() - study_start
   result = {
       'setup': setup,
       'wall_time_s': {'total': total,
-                      **{f'{k}_sweep': v for k, v in sweep_times.items()}},
+                      **{f'{k}_sweep' if k in ('cll', 'gloro') else k: v
+                         for k, v in sweep_times.items()}},
       'runs': records,
   }
+  if comparison is not None:
+    result['seed_comparison'] = comparison
   with open(os.path.join(output_dir, 'moons_results.json'), 'w') as f:
     json.dump(result, f, indent=1)
   md = markdown_table(records, setup)
+  if comparison is not None:
+    md += '\n' + seed_table(comparison)
   md += (f'\nTotal wall time {total:.1f} s (CLL sweep '
          f'{sweep_times["cll"]:.1f} s, GloRo sweep '
-         f'{sweep_times["gloro"]:.1f} s).\n')
+         f'{sweep_times["gloro"]:.1f} s' + (
+             f', seed comparison {sweep_times["seed_comparison"]:.1f} s'
+             if comparison is not None else '') + ').\n')
   with open(os.path.join(output_dir, 'moons_results.md'), 'w') as f:
     f.write(md)
   return result
@@ -417,7 +546,13 @@ _SLACK_EPS = flags.DEFINE_float('slack_eps', SLACK_EPS, 'Fig. D2 eps.')
 _NUM_TRAIN = flags.DEFINE_integer('num_train', 2000, 'Training points.')
 _NUM_VAL = flags.DEFINE_integer('num_val', 20000, 'Validation points.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 100, 'Batch size.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed (data, init, batch order).')
+_SEED = flags.DEFINE_integer(
+    'seed', 0, 'Seed of the data (noise), init and batch order.')
+_COMPARISON_SEEDS = flags.DEFINE_list(
+    'comparison_seeds', ['1', '2', '3', '4'],
+    'Extra seeds for CLL vs GloRo at --comparison_eps (empty: skip).')
+_COMPARISON_EPS = flags.DEFINE_float(
+    'comparison_eps', SLACK_EPS, 'eps of the seed comparison (true margin).')
 _CONVERGE_EVERY = flags.DEFINE_integer(
     'converge_every', 1, 'Converge the power iteration every k epochs.')
 
@@ -431,7 +566,9 @@ def main(argv):
       slack_p_code=[float(p) for p in _SLACK_P_CODE.value],
       num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value,
       batch_size=_BATCH_SIZE.value, seed=_SEED.value,
-      converge_every=_CONVERGE_EVERY.value)
+      converge_every=_CONVERGE_EVERY.value,
+      comparison_seeds=[int(x) for x in _COMPARISON_SEEDS.value],
+      comparison_eps=_COMPARISON_EPS.value)
   print(open(os.path.join(_OUTPUT_DIR.value, 'moons_results.md')).read())
   print(result['wall_time_s'])
 

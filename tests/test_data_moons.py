@@ -78,7 +78,8 @@ def test_seeds():
 
 
 def test_clean_points_on_arcs_with_uniform_t():
-  x, y = data.make_moons(20000, noise_radius=0.0, seed=5)
+  x, y = data.make_moons(20000, noise_radius=0.0, seed=5,
+                         arc_positions='uniform')
   x = x.astype(np.float64)
   out, inn = x[y == 0], x[y == 1]
   np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
@@ -91,6 +92,25 @@ def test_clean_points_on_arcs_with_uniform_t():
   np.testing.assert_allclose(hist, 0.1, atol=0.015)
   steps = np.diff(np.sort(t))
   assert steps.std() > 0.5 * steps.mean()
+
+
+def test_default_grid_is_sklearns_arc_layout():
+  # sklearn's make_moons: t = linspace(0, pi, n) per arc, outer n // 2 points.
+  x, y = data.make_moons(7, noise_radius=0.0, seed=2)
+  x = x.astype(np.float64)
+  out, inn = x[y == 0], x[y == 1]
+  assert len(out) == 3 and len(inn) == 4
+  t_out = np.sort(np.arctan2(out[:, 1], out[:, 0]))
+  np.testing.assert_allclose(t_out, [0, np.pi / 2, np.pi], atol=1e-6)
+  s_in = np.sort(np.arctan2(0.5 - inn[:, 1], 1 - inn[:, 0]))
+  np.testing.assert_allclose(s_in, np.arange(4) * np.pi / 3, atol=1e-6)
+  # The outer end (1, 0) is always drawn, and the inner apex (1, -0.5) when
+  # the inner arc has an odd number of points: the noiseless gap is then the
+  # arc distance itself.
+  x, y = data.make_moons(2002, noise_radius=0.0, seed=0)
+  gap = _min_cross_distance(x[y == 0].astype(np.float64),
+                            x[y == 1].astype(np.float64))
+  assert gap == pytest.approx(moons.ARC_DISTANCE, abs=1e-6)
 
 
 def test_noise_uniform_in_disc():
@@ -113,3 +133,5 @@ def test_errors():
     data.load_dataset('no_such_dataset')
   with pytest.raises(ValueError, match='noise_radius'):
     data.make_moons(10, noise_radius=-1.0)
+  with pytest.raises(ValueError, match="'spiral'"):
+    data.make_moons(10, arc_positions='spiral')

@@ -111,7 +111,8 @@ def test_short_study_writes_outputs_with_independently_checked_numbers(
   out = str(tmp_path)
   result = moons_study.run_study(
       out, epochs=3, eps_values=(0.15, 0.25), slack_p_code=(0.75, 1e-4),
-      num_train=200, num_val=400, batch_size=50, grid_resolution=40)
+      num_train=200, num_val=400, batch_size=50, grid_resolution=40,
+      comparison_seeds=(1,), comparison_eps=0.15)
   for name in ('moons_fig4.png', 'moons_slack_d2.png', 'moons_results.json',
                'moons_results.md', 'moons_params.npz'):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
@@ -175,3 +176,34 @@ def test_short_study_writes_outputs_with_independently_checked_numbers(
     assert float(cells[9]) == pytest.approx(r['K_hf'], rel=1e-3)
     if r['p_code'] is not None:
       assert re.search(r'code 0?\.?\d', cells[4]), cells[4]
+
+  # Seed comparison: seed 0 is the main study's pair (not retrained), seed 1
+  # a new pair on its own data; the counts match the records.
+  comp = on_disk['seed_comparison']
+  assert comp['seeds'] == [0, 1]
+  by = {(r['seed'], r['loss']): r for r in comp['runs']}
+  assert set(by) == {(0, 'cll'), (0, 'gloro'), (1, 'cll'), (1, 'gloro')}
+  main = {r['name']: r for r in runs}
+  for loss in ('cll', 'gloro'):
+    assert {k: v for k, v in by[(0, loss)].items() if k != 'seed'} == (
+        main[f'{loss}_eps0.15'])
+    assert by[(1, loss)]['num_train'] == 200
+  # Seed 1 draws other points, so the same loss gives another K.
+  assert by[(1, 'cll')]['K_f'] != by[(0, 'cll')]['K_f']
+  summary = comp['summary']
+  pairs = [(by[(s, 'cll')], by[(s, 'gloro')]) for s in (0, 1)]
+  assert summary['gloro_train_cra_below_cll'] == sum(
+      g['train_cra'] < c['train_cra'] for c, g in pairs)
+  assert summary['cll_K_hf_above_gloro'] == sum(
+      c['K_hf'] > g['K_hf'] for c, g in pairs)
+  assert summary['cll_mean_val_cra'] == pytest.approx(
+      np.mean([c['val_cra'] for c, _ in pairs]))
+  section = md[md.index('over seeds'):]
+  seed_rows = [line for line in section.splitlines()
+               if re.match(r'\| \d+ \| (cll|gloro) \|', line)]
+  assert len(seed_rows) == 4
+  for line, r in zip(seed_rows, comp['runs']):
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    assert cells[:2] == [str(r['seed']), r['loss']]
+    assert cells[2] == f'{100 * r["train_cra"]:.2f}%'
+    assert int(cells[3]) == r['num_train'] - r['train_certified_count']
