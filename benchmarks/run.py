@@ -25,6 +25,7 @@ import traceback
 
 from benchmarks import REPO, git_commit, load_average, machine_info
 from benchmarks import certification
+from benchmarks import conv_grads
 from benchmarks import data_parallel
 from benchmarks import liplt as liplt_benchmark
 from benchmarks import quality
@@ -95,7 +96,8 @@ def _section_train_step(rows) -> list[str]:
           'GPU/TPU keep the plain `lax.conv_general_dilated`. Tried without '
           'gain: XLA oneDNN / library-fusion flags, patches + matmul convs, '
           'matmul kernel gradients, a full space-to-depth form. The rest is '
-          "XLA's CPU conv kernel gradients (25-45 ms per conv layer)."]
+          "XLA's CPU conv kernel gradients (25-45 ms per conv layer).",
+          '* The kernel gradients, formulation by formulation: section 1b.']
   return out
 
 
@@ -180,6 +182,31 @@ def _section_sound_bounds(rows) -> list[str]:
   return out
 
 
+def _section_conv_grads(rows) -> list[str]:
+  out = ["## 1b. Conv kernel gradients on CPU: XLA's conv vs matmul forms "
+         '(`benchmarks.conv_grads`)', '',
+         'dW of each 4C3F conv at batch '
+         f"{rows[0]['batch']}, jitted alone; median ms. `xla`: VJP of "
+         '`lax.conv_general_dilated`; `im2col`: one matmul of the patch '
+         'matrix; `taps`: one matmul per kernel tap. `rel err` against '
+         '`xla`.', '',
+         '| conv | xla ms | im2col ms | taps ms | max rel err | fastest |',
+         '|---|---|---|---|---|---|']
+  convs = list(dict.fromkeys(r['conv'] for r in rows))
+  for conv in convs:
+    by = {r['form']: r for r in rows if r['conv'] == conv}
+    fastest = min(by, key=lambda f: by[f]['median_ms'])
+    out.append(f"| {conv} | {_fmt(by['xla']['median_ms'])} | "
+               f"{_fmt(by['im2col']['median_ms'])} | "
+               f"{_fmt(by['taps']['median_ms'])} | "
+               f"{max(r['rel_err'] for r in by.values()):.1e} | {fastest} |")
+  out += ['', '* In use (`operators._conv_cpu`): im2col for convs with at '
+          'most 4 input channels (the RGB layer), XLA\'s conv otherwise. '
+          'Where `fastest` names another form, the gap is the possible gain '
+          'per step from this conv\'s kernel gradient.']
+  return out
+
+
 def _section_moons() -> list[str]:
   out = ['## 6. Two-moons study', '']
   if not os.path.exists(MOONS_JSON):
@@ -195,6 +222,14 @@ def _section_moons() -> list[str]:
                else f'* {k}: {v}')
   if not walls:
     out.append('(no wall-time field found in the file)')
+  comparison = data.get('seed_comparison')
+  if comparison:
+    s = comparison['summary']
+    out += ['', f'CLL vs GloRo at eps = {comparison["epsilon"]:g} over seeds '
+            f'{comparison["seeds"]}: mean training CRA CLL '
+            f'{100 * s["cll_mean_train_cra"]:.3f}%, GloRo '
+            f'{100 * s["gloro_mean_train_cra"]:.3f}%; GloRo below CLL on '
+            f'{s["gloro_train_cra_below_cll"]} of {s["num_seeds"]} seeds.']
   return out
 
 
@@ -225,9 +260,17 @@ def _section_quality() -> list[str]:
             "and GloRo's eps ramp by epochs/800, and CLL converges faster "
             '(paper fig. D1), so this gap is not the paper\'s: run the full '
             'schedule (`python -m benchmarks.quality`, a GPU) to compare. '
-            'Tightness here uses few pairs and steps (columns) on barely '
+            'Tightness here uses few pairs and steps (columns) on briefly '
             'trained models, so it is far below the paper\'s 71-80%.', '']
+  r0 = rows[0]
+  command = f"python -m benchmarks.quality --epochs {r0['epochs']}"
+  if 'tightness_pairs' in r0:
+    command += (f" --tightness-pairs {r0['tightness_pairs']} "
+                f"--tightness-steps {r0['tightness_steps']}")
   return out + [
+      f'Command: `{command}` (the methods run one after the other; '
+      '`train+eval s` is the wall time of training and evaluation, without '
+      'the tightness estimate).', '',
       f"eps = {rows[0]['epsilon']}, CLL p = "
       f"{next((r['p'] for r in rows if r['p'] is not None), 'n/a')}, bound "
       f"`{rows[0]['bound']}`, {rows[0]['train_examples']} training images. "
@@ -287,6 +330,7 @@ def run(tiny: bool = False, repeats: int | None = None,
     return rows
 
   steps = measure('train_step', lambda: train_step.run(tiny, repeats))
+  grads = measure('conv_grads', lambda: conv_grads.run(tiny, repeats))
   cert = measure('certification',
                  lambda: certification.run(tiny, repeats))
   tight = measure('tightness', lambda: tightness.run(tiny))
@@ -329,6 +373,8 @@ def run(tiny: bool = False, repeats: int | None = None,
              'a quiet machine for final numbers.', '']
   if steps:
     sections += _section_train_step(steps) + ['']
+  if grads:
+    sections += _section_conv_grads(grads) + ['']
   if cert:
     sections += _section_certification(cert) + ['']
   if tight:

@@ -12,6 +12,7 @@ import os
 import pytest
 
 from benchmarks import certification
+from benchmarks import conv_grads
 from benchmarks import data_parallel
 from benchmarks import quality
 from benchmarks import run as run_lib
@@ -44,6 +45,42 @@ def test_train_step_tiny():
                                           'no_bound']
   for r in rows:
     _positive_finite(r, 'median_ms', 'compile_s', 'cpu_ms')
+
+
+def test_conv_kernel_grads_match_loops():
+  # dW[i, j, c, o] = sum_{b, h, w} x_pad[b, s h + i, s w + j, c] dy[b, h, w, o]
+  # by explicit loops in float64, for a strided padded conv.
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 7, 6, 3)).astype(np.float32)
+  kernel_shape, (sh, sw), pad = (4, 3, 3, 5), (2, 1), ((1, 2), (0, 1))
+  oh = (7 + 3 - 4) // sh + 1
+  ow = (6 + 1 - 3) // sw + 1
+  dy = rng.normal(size=(2, oh, ow, 5)).astype(np.float32)
+  xp = np.pad(x.astype(np.float64), ((0, 0), pad[0], pad[1], (0, 0)))
+  want = np.zeros(kernel_shape)
+  for i in range(4):
+    for j in range(3):
+      for h in range(oh):
+        for w in range(ow):
+          want[i, j] += np.einsum('bc,bo->co', xp[:, sh * h + i, sw * w + j],
+                                  dy[:, h, w])
+  for name, form in conv_grads.FORMS.items():
+    got = form(x, dy, kernel_shape, (sh, sw), pad)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+
+
+def test_conv_grads_tiny():
+  rows = conv_grads.run(tiny=True, repeats=1)
+  assert {r['form'] for r in rows} == set(conv_grads.FORMS)
+  assert len(rows) == len(conv_grads.TINY_CONVS) * len(conv_grads.FORMS)
+  for r in rows:
+    _positive_finite(r, 'median_ms')
+    assert r['rel_err'] < 1e-5, r
+  table = '\n'.join(run_lib._section_conv_grads(rows))  # pylint: disable=protected-access
+  for conv in {r['conv'] for r in rows}:
+    assert f'| {conv} |' in table
 
 
 def test_certification_tiny():
@@ -98,13 +135,13 @@ def test_quality_tiny(tmp_path):
 def test_run_writes_report(tmp_path):
   out = tmp_path / 'RESULTS.md'
   run_lib.run(tiny=True, repeats=1, output=str(out),
-              skip=('train_step', 'tightness', 'data_parallel',
+              skip=('train_step', 'conv_grads', 'tightness', 'data_parallel',
                     'sound_bounds', 'liplt'))
   assert (tmp_path / 'measurements' / 'certification_tiny.json').exists()
   # A second report reuses the saved measurement instead of measuring.
   again = tmp_path / 'AGAIN.md'
   run_lib.run(tiny=True, repeats=1, output=str(again),
-              skip=('train_step', 'tightness', 'data_parallel',
+              skip=('train_step', 'conv_grads', 'tightness', 'data_parallel',
                     'sound_bounds', 'liplt'), reuse=('certification',))
   assert 'certification reused from' in again.read_text()
   text = out.read_text()
