@@ -12,18 +12,27 @@ import jax
 import ml_collections
 
 from cll_jax import models
-
-LOSSES = ('cll', 'gloro', 'gloro_trades', 'crm', 'ce')
+from cll_jax import objectives
+from cll_jax import steps
 _PATH_KWARGS = {'image_folder': 'root', 'tiny_imagenet': 'root'}
 
 
+class InvalidConfigError(ValueError):
+  """A config field holds a value the run cannot use."""
+
+
 def _fail(field: str, value, why: str):
-  raise ValueError(f'config.{field}={value!r}: {why}')
+  raise InvalidConfigError(f'config.{field}={value!r}: {why}')
 
 
 def validate_config(config: ml_collections.ConfigDict,
-                    device_count: int | None = None) -> None:
-  """Raises ValueError naming the first invalid field."""
+                    process_count: int | None = None) -> None:
+  """Raises ValueError naming the first invalid field.
+
+  Args:
+    config: the experiment config.
+    process_count: hosts of the run (default: `jax.process_count()`).
+  """
   from cll_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   m, d, l, o, t, e = (config.model, config.data, config.loss,
                       config.optimizer, config.train, config.eval)
@@ -54,9 +63,15 @@ def validate_config(config: ml_collections.ConfigDict,
       _fail(f'data.kwargs.{path_key}', root, f'{d.name} needs a path')
     if not os.path.exists(os.path.expanduser(str(root))) and not d.kwargs.get(
         'download', False):
-      _fail(f'data.kwargs.{path_key}', root, 'path does not exist')
-  if l.name not in LOSSES:
-    _fail('loss.name', l.name, f'known losses: {LOSSES}')
+      why = 'path does not exist'
+      if os.path.basename(str(root)) == 'cifar10_jpeg.tar.gz':
+        from cll_jax import configs  # pylint: disable=g-import-not-at-top
+        why += (f'; the offline copy was looked for in '
+                f'{configs.shared_dataset_candidates(os.path.basename(root))}'
+                f' (set ${configs.SHARED_DATASETS_ENV} to its folder)')
+      _fail(f'data.kwargs.{path_key}', root, why)
+  if l.name not in objectives.names():
+    _fail('loss.name', l.name, f'known losses: {objectives.names()}')
   if not l.epsilon > 0:
     _fail('loss.epsilon', l.epsilon, 'must be > 0')
   if l.epsilon_schedule not in ('fixed', 'logarithmic'):
@@ -82,12 +97,18 @@ def validate_config(config: ml_collections.ConfigDict,
     _fail('optimizer.learning_rate', o.learning_rate, 'must be > 0')
   if t.num_epochs < 1:
     _fail('train.num_epochs', t.num_epochs, 'must be >= 1')
-  devices = jax.device_count() if device_count is None else device_count
-  for field, value in (('train.batch_size', t.batch_size),
-                       ('eval.batch_size', e.batch_size)):
-    if value < 1 or value % devices:
-      _fail(field, value,
-            f'must be a positive multiple of the device count {devices}')
+  # Batches are padded with masked rows to a multiple of the local device
+  # count, so they need not divide by it; the global training batch is split
+  # evenly over the hosts.
+  hosts = jax.process_count() if process_count is None else process_count
+  if t.batch_size < 1 or t.batch_size % hosts:
+    _fail('train.batch_size', t.batch_size,
+          f'must be a positive multiple of the process count {hosts}')
+  if e.batch_size < 1:
+    _fail('eval.batch_size', e.batch_size, 'must be >= 1')
+  if t.get('on_nonfinite', 'stop') not in steps.NONFINITE_POLICIES:
+    _fail('train.on_nonfinite', t.on_nonfinite,
+          f'must be one of {steps.NONFINITE_POLICIES}')
   for key in ('eval_every_epochs', 'converge_every_epochs',
               'checkpoint_every_epochs', 'log_every_steps'):
     if t[key] < 1:

@@ -81,7 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.num_epochs = 800
-  c.train.batch_size = 128  # Global batch, split over all devices.
+  # Global batch, split over all devices; padded with masked rows (weight 0)
+  # to a multiple of the device count when it does not divide.
+  c.train.batch_size = 128
   c.train.log_every_steps = 50  # Progress-bar refresh of loss/accuracy.
   c.train.eval_every_epochs = 10  # Test-set evaluation period.
   c.train.converge_every_epochs = 1  # Converge power iteration (paper: 1).
@@ -89,10 +91,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.converge_max_iterations = 500
   c.train.checkpoint_every_epochs = 1  # Orbax checkpoint period.
   c.train.checkpoints_to_keep = 2
-  c.train.progress_bar = True
+  c.train.progress_bar = True  # Progress bar and status lines (process 0).
+  # A step with a non-finite loss or gradient is never applied. 'stop': the
+  # run stops there with an error (exit code 1), keeping the last good
+  # checkpoint; 'skip': such steps are dropped and counted
+  # (train_nonfinite_steps), and only an epoch of nothing but bad steps stops.
+  c.train.on_nonfinite = 'stop'
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 500  # Global eval batch; the last one is padded.
+  # Global eval batch; padded to a multiple of the device count, and the
+  # last batch is padded (masked), so every test example counts once.
+  c.eval.batch_size = 500
   c.eval.radii = DEFAULT_RADII  # CRA radii (eps_train is added).
   # 'sound': guaranteed layer bounds (Gram iteration), naive product;
   # 'power': the model's training bound (naive or LipLT) from converged
@@ -125,10 +134,37 @@ def parse_arg(arg: str | None, **defaults):
   return result
 
 
-# The offline CIFAR-10 copy (JPEG image folders) beside the repository.
-SHARED_CIFAR10 = os.path.abspath(os.path.join(
-    os.path.dirname(__file__), '..', '..', 'shared', 'datasets',
-    'cifar10_jpeg.tar.gz'))
+# Where the offline data sets (`cifar10_jpeg.tar.gz`, ...) are looked for, in
+# order: $CLL_JAX_SHARED_DATASETS, then `shared/datasets` in or beside the
+# current directory, then beside the package's repository (an editable
+# install next to `shared/`).
+SHARED_DATASETS_ENV = 'CLL_JAX_SHARED_DATASETS'
+
+
+def shared_dataset_candidates(name: str) -> list[str]:
+  """The places `shared_dataset(name)` looks, in order."""
+  folders = []
+  if os.environ.get(SHARED_DATASETS_ENV):
+    folders.append(os.environ[SHARED_DATASETS_ENV])
+  folders += [os.path.join('shared', 'datasets'),
+              os.path.join('..', 'shared', 'datasets'),
+              os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
+                           'datasets')]
+  return [os.path.abspath(os.path.join(f, name)) for f in folders]
+
+
+def shared_dataset(name: str) -> str:
+  """The first existing candidate path of an offline data set file.
+
+  When none exists the first candidate is returned, so that config
+  validation reports a missing path (and `shared_dataset_candidates` lists
+  where else it looked).
+  """
+  candidates = shared_dataset_candidates(name)
+  return next((c for c in candidates if os.path.exists(c)), candidates[0])
+
+
+SHARED_CIFAR10 = shared_dataset('cifar10_jpeg.tar.gz')
 
 
 def set_cifar10_source(c: ml_collections.ConfigDict, source: str) -> None:
@@ -137,7 +173,7 @@ def set_cifar10_source(c: ml_collections.ConfigDict, source: str) -> None:
     c.data.name = 'cifar10'
   elif source == 'offline':
     c.data.name = 'image_folder'
-    c.data.kwargs.root = SHARED_CIFAR10
+    c.data.kwargs.root = shared_dataset('cifar10_jpeg.tar.gz')
   else:
     raise ValueError(f"data must be 'tfds' or 'offline', got {source!r}")
 

@@ -113,6 +113,13 @@ class LipschitzNetwork(nn.Module):
       raise ValueError(f'unknown activation {self.activation!r}; known: '
                        f'{sorted(ACTIVATIONS)}')
     act, _ = ACTIVATIONS[self.activation]
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      # uint8 images would run through the network as values up to 255 and
+      # give meaningless logits; training feeds floats in [0, 1].
+      raise ValueError(
+          f'the network takes floating-point inputs (images in [0, 1]), got '
+          f'dtype {x.dtype}; convert uint8 images with '
+          'cll_jax.data.to_float (x / 255)')
     if self.input_mean is not None:
       x = x - jnp.asarray(self.input_mean, x.dtype)
     if self.input_std is not None:

@@ -1,56 +1,62 @@
-"""Certified training: state, jitted data-parallel steps, the training loop.
+"""The training loop: `train_and_evaluate(config, workdir)`.
 
-The shape follows flax's `examples/imagenet`: `create_train_state`,
-`train_step(state, batch) -> (state, metrics)`, `eval_step` and
-`train_and_evaluate(config, workdir)`. Data parallelism uses `jax.jit` with a
-`NamedSharding` over a 1-D 'data' mesh of all devices: the global batch is
-split along its leading axis, the state is replicated, and XLA inserts the
-gradient all-reduce. Means are taken over the *global* batch inside the jitted
-function, so results do not depend on the device count (no pmean of
-already-averaged gradients).
+The shape follows flax's `examples/imagenet`; the state and the jitted steps
+live in `cll_jax.steps` (re-exported here), checkpoints in
+`cll_jax.checkpoints`, the metric log in `cll_jax.metrics_log` and the run's
+own records (config, class names) in `cll_jax.run_records`.
+
+Data parallelism uses `jax.jit` with a `NamedSharding` over a 1-D 'data'
+mesh of all devices: the global batch is split along its leading axis, the
+state is replicated, and XLA inserts the gradient all-reduce. Batches that do
+not divide by the device count are padded with masked rows (weight 0), so any
+batch size runs on any number of devices with the same result.
+
+No run loses work, and none is wasted:
+* checkpoints are atomic (orbax) and a killed run resumes from the latest;
+  metric records written after that checkpoint are dropped on resume;
+* a step with a non-finite loss or gradient is never applied and never
+  saved; by default the run stops with `NonFiniteError`
+  (`config.train.on_nonfinite='skip'` skips such steps and counts them);
+* a rerun checks its config against the one the workdir was trained with
+  (`run_records.check_resume`), and a finished run reruns as a no-op (or
+  only re-evaluates, when the evaluation settings changed).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
+import math
 import os
+import sys
 import time
 from typing import Any
 
-import flax.struct
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax.training import train_state as flax_train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cll_jax import certify
+from cll_jax import checkpoints
 from cll_jax import data as data_lib
-from cll_jax import layers
 from cll_jax import losses
+from cll_jax import metrics_log
 from cll_jax import models
-from cll_jax import schedules
+from cll_jax import run_records
 from cll_jax.config_validation import validate_config
+# The state and steps, re-exported: `train.train_step` etc. as in flax's
+# examples.
+from cll_jax.objectives import LossSchedules, loss_schedules  # pylint: disable=unused-import
+from cll_jax.steps import (  # pylint: disable=unused-import
+    Batch, TrainState, certification_bounds, create_model,
+    create_train_state, eval_step, learning_rate_schedule, prepare_images,
+    radius_names, train_step)
 
-Batch = dict[str, jax.Array]
-
-
-class TrainState(flax_train_state.TrainState):
-  """Optimizer state plus the power-iteration vectors of every layer."""
-  power_iteration: Any = None
-
-  @property
-  def variables(self):
-    return {'params': self.params,
-            layers.POWER_ITERATION: self.power_iteration}
+FINAL_METRICS_FILE = 'final_metrics.json'
 
 
-# --------------------------------------------------------------------------
-# Set-up
+class NonFiniteError(RuntimeError):
+  """A training step produced a non-finite loss or gradient."""
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -59,237 +65,12 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(devices.reshape(-1), ('data',))
 
 
-def create_model(config: ml_collections.ConfigDict,
-                 num_classes: int) -> models.LipschitzNetwork:
-  m = config.model
-  return models.create_model(
-      m.name, num_classes, activation=m.activation,
-      input_mean=m.get('input_mean'), input_std=m.get('input_std'),
-      num_power_iterations=m.num_power_iterations, bound=m.bound)
-
-
-def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  o = config.optimizer
-  return schedules.learning_rate(o.learning_rate, steps_per_epoch,
-                                 o.decay_epochs, o.decay_factor)
-
-
-def create_train_state(config: ml_collections.ConfigDict,
-                       model: models.LipschitzNetwork, rng: jax.Array,
-                       input_shape: tuple[int, ...],
-                       steps_per_epoch: int) -> TrainState:
-  """Initialises parameters, power-iteration vectors and the optimizer."""
-  variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32))
-  tx = optax.adam(learning_rate_schedule(config, steps_per_epoch))
-  if config.optimizer.get('weight_decay', 0.0):
-    tx = optax.adamw(learning_rate_schedule(config, steps_per_epoch),
-                     weight_decay=config.optimizer.weight_decay)
-  return TrainState.create(
-      apply_fn=model.apply, params=variables['params'], tx=tx,
-      power_iteration=variables[layers.POWER_ITERATION])
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
 
 
 # --------------------------------------------------------------------------
-# Loss
-
-
-@flax.struct.dataclass
-class LossSchedules:
-  """Step -> value functions for the loss hyperparameters that anneal."""
-  slack: Any = flax.struct.field(pytree_node=False)
-  lipschitz_scale: Any = flax.struct.field(pytree_node=False)
-  epsilon: Any = flax.struct.field(pytree_node=False)
-  trades_beta: Any = flax.struct.field(pytree_node=False)
-
-
-def loss_schedules(config, steps_per_epoch: int) -> LossSchedules:
-  loss = config.loss
-  total = config.train.num_epochs * steps_per_epoch
-  return LossSchedules(
-      slack=schedules.polynomial_anneal(
-          loss.p_start, loss.p_end, loss.p_gamma,
-          loss.get('p_anneal_epochs', config.train.num_epochs)
-          * steps_per_epoch),
-      lipschitz_scale=schedules.polynomial_anneal(
-          loss.lipschitz_scale_start, 1.0, loss.lipschitz_scale_gamma,
-          total),
-      epsilon=schedules.gloro_epsilon(
-          loss.epsilon, loss.epsilon_schedule,
-          loss.get('epsilon_schedule_epochs', config.train.num_epochs)
-          * steps_per_epoch),
-      trades_beta=schedules.linear(
-          loss.trades_beta_start, loss.trades_beta_end,
-          loss.trades_beta_epochs * steps_per_epoch))
-
-
-def per_example_loss(config, sched: LossSchedules, out: models.NetworkOutput,
-                     labels: jax.Array, step: jax.Array, epoch: jax.Array):
-  """The configured loss for every example, and the values it used."""
-  loss = config.loss
-  pairwise = out.pairwise_lipschitz
-  if loss.name == 'cll' and loss.detach_lipschitz:
-    # CLL normalises by K but does not optimise it through the loss; K is
-    # pushed down only by the lambda K^2 term (CLL sec. 3.3). GloRo and CRM
-    # lower K through the loss itself, so their K keeps its gradient.
-    pairwise = jax.lax.stop_gradient(pairwise)
-  pairwise = pairwise * sched.lipschitz_scale(step)
-  epsilon = sched.epsilon(step)
-  used = {'epsilon': epsilon}
-  if loss.name == 'cll':
-    p = sched.slack(step)
-    used['p'] = p
-    delta = epsilon if loss.get('delta') is None else loss.delta
-    if loss.offset == 'one_sided':
-      # Offset delta on the other logits only (g_y = 0), as the official
-      # two-moons config (`add_epsilon_one_sided`); by the softmax's shift
-      # invariance that is the two-sided eq. 2 with delta / 2, and for N = 2
-      # it is exactly binary CLL (eq. 4): probability 1/2 at distance delta.
-      delta = delta / 2
-    values = losses.multiclass_cll_loss(
-        out.logits, labels, pairwise, epsilon, p, delta=delta)
-  elif loss.name == 'gloro':
-    values = losses.gloro_loss(out.logits, labels, pairwise, epsilon)
-  elif loss.name == 'gloro_trades':
-    beta = sched.trades_beta(step)
-    used['trades_beta'] = beta
-    values = losses.gloro_trades_loss(out.logits, labels, pairwise, epsilon,
-                                      beta)
-  elif loss.name == 'crm':
-    robust = losses.crm_loss(out.logits, labels, pairwise, loss.crm_lambda,
-                             loss.crm_temperature, loss.crm_radius_threshold)
-    plain = optax.softmax_cross_entropy_with_integer_labels(out.logits, labels)
-    # Plain cross-entropy for the first epochs (arXiv 2310.00116).
-    values = jnp.where(epoch < loss.crm_warmup_epochs, plain, robust)
-  elif loss.name == 'ce':
-    values = optax.softmax_cross_entropy_with_integer_labels(out.logits, labels)
-  else:
-    raise ValueError(f'unknown loss {loss.name!r}')
-  return values, used
-
-
-# --------------------------------------------------------------------------
-# Steps
-
-
-def prepare_images(config, images: jax.Array, rng: jax.Array | None):
-  """uint8 images -> float [0, 1], augmented on device when `rng` is given."""
-  if jnp.issubdtype(images.dtype, jnp.integer):
-    images = images.astype(jnp.float32) / 255.0
-  aug = config.data.augment
-  if rng is not None and aug.enabled:
-    images = data_lib.augment_batch(
-        rng, images, crop_padding=aug.crop_padding, flip=aug.flip,
-        color_jitter=aug.color_jitter,
-        max_rotation_degrees=aug.max_rotation_degrees)
-  return images
-
-
-def train_step(state: TrainState, batch: Batch, *, config,
-               sched: LossSchedules, steps_per_epoch: int,
-               rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a (globally sharded) batch.
-
-  The power-iteration vectors advance `num_power_iterations` steps inside the
-  forward pass (the collection is mutable here).
-  """
-  step = state.step
-  epoch = step // steps_per_epoch
-  images = prepare_images(config, batch['image'],
-                          jax.random.fold_in(rng, step))
-  labels = batch['label']
-
-  def loss_fn(params):
-    out, updates = state.apply_fn(
-        {'params': params, layers.POWER_ITERATION: state.power_iteration},
-        images, mutable=[layers.POWER_ITERATION])
-    values, used = per_example_loss(config, sched, out, labels, step, epoch)
-    penalty = losses.lipschitz_penalty(out.lipschitz, config.loss.lam)
-    total = jnp.mean(values) + penalty
-    return total, (out, updates[layers.POWER_ITERATION], values, used,
-                   penalty)
-
-  grads, (out, new_pi, values, used, penalty) = jax.grad(
-      loss_fn, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads, power_iteration=new_pi)
-  certified = certify.certified_correct(
-      out.logits, labels, jax.lax.stop_gradient(out.pairwise_lipschitz),
-      config.loss.epsilon)
-  metrics = {
-      'loss': jnp.mean(values),
-      'lipschitz_penalty': penalty,
-      'accuracy': jnp.mean(jnp.argmax(out.logits, -1) == labels),
-      'certified_accuracy_train_eps': jnp.mean(certified),
-      'lipschitz': out.lipschitz,
-      'learning_rate': learning_rate_schedule(
-          config, steps_per_epoch)(step),
-      **used,
-  }
-  return new_state, metrics
-
-
-def eval_step(state: TrainState, batch: Batch, pairwise_lipschitz: jax.Array,
-              *, config, radii: tuple[float, ...]) -> dict[str, jax.Array]:
-  """Counts over one padded batch: correct, and certified-correct per radius.
-
-  `batch['mask']` marks real examples; padded ones count nowhere.
-  `pairwise_lipschitz` is computed once per evaluation (see
-  `certification_bounds`), not per batch.
-  """
-  images = prepare_images(config, batch['image'], None)
-  out = state.apply_fn(state.variables, images)
-  mask = batch['mask']
-  labels = batch['label']
-  counts = {
-      'count': jnp.sum(mask),
-      'correct': jnp.sum(mask * (jnp.argmax(out.logits, -1) == labels)),
-  }
-  for name, radius in zip(radius_names(radii), radii):
-    ok = certify.certified_correct(out.logits, labels, pairwise_lipschitz,
-                                   radius)
-    counts[name] = jnp.sum(mask * ok)
-  return counts
-
-
-def radius_names(radii) -> list[str]:
-  return [f'cra_{r:.4f}' for r in radii]
-
-
-def certification_bounds(state: TrainState, model: models.LipschitzNetwork,
-                         input_shape, method: str) -> dict[str, jax.Array]:
-  """Pairwise bounds K_ij for certification and the layer norms behind them.
-
-  'sound': guaranteed upper bounds of every layer (Gram iteration, with a
-  float-error allowance; `cll_jax.sound_bounds`), multiplied as the naive
-  product bound. 'power': the model's own bound (naive product or LipLT)
-  from the converged power-iteration state, as in the papers; each norm is
-  then an estimate from below, so the certificate is not guaranteed.
-  """
-  from cll_jax import lipschitz  # pylint: disable=g-import-not-at-top
-  ops = models.network_operators(model, state.params, input_shape)
-  if method == 'sound':
-    from cll_jax import sound_bounds  # pylint: disable=g-import-not-at-top
-    norms = jnp.stack([sound_bounds.operator_norm_upper_bound(op)
-                       for op in ops])
-    # Float32 rounding allowance per layer (the head's column differences
-    # included), as in `sound_bounds.network_upper_bound`.
-    rounding = (1.0 + sound_bounds.DEFAULT_RELATIVE_FLOAT_ALLOWANCE) ** len(ops)
-  elif method == 'power':
-    out = state.apply_fn(state.variables,
-                         jnp.zeros((1, *input_shape), jnp.float32))
-    return {'pairwise': out.pairwise_lipschitz,
-            'layer_norms': out.layer_norms, 'lipschitz': out.lipschitz}
-  else:
-    raise ValueError(f"bound method must be 'sound' or 'power', got {method!r}")
-  prefix = model.input_scale * jnp.prod(norms[:-1]) * rounding
-  return {
-      'pairwise': lipschitz.pairwise_lipschitz(ops[-1].kernel, prefix),
-      'layer_norms': norms,
-      'lipschitz': prefix * norms[-1],
-  }
-
-
-# --------------------------------------------------------------------------
-# Loop
+# Data
 
 
 def load_dataset(config):
@@ -314,99 +95,125 @@ def load_dataset(config):
   return dataset
 
 
+def dataset_info(config, dataset) -> dict[str, Any]:
+  """What `dataset.json` records: enough to certify new inputs later."""
+  return {'name': config.data.name, 'num_classes': dataset.num_classes,
+          'class_names': list(dataset.class_names),
+          'image_shape': list(dataset.image_shape),
+          'image_dtype': str(dataset.train_images.dtype)}
+
+
 def _put_global(batch: dict[str, np.ndarray], sharding) -> Batch:
   """Host-local numpy batch -> one global array sharded over 'data'."""
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in batch.items()}
 
 
+def _pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+  """Zero rows up to `size`, and a mask that is 1 on the real rows."""
+  n = len(batch['label'])
+  out = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
+         if size > n else v for k, v in batch.items()}
+  out['mask'] = (np.arange(size) < n).astype(np.float32)
+  return out
+
+
+def local_batch_size(global_batch: int, mesh: Mesh) -> tuple[int, int]:
+  """(examples per host, padded to a multiple of its devices)."""
+  local = global_batch // jax.process_count()
+  return local, round_up(local, len(mesh.local_devices))
+
+
+def device_batch(images: np.ndarray, labels: np.ndarray, mesh: Mesh) -> Batch:
+  """A host's training batch as one global batch sharded over 'data'.
+
+  The rows are padded to a multiple of the local device count and a `mask`
+  gives the padding weight 0, so the step's means are those of the real
+  examples on any number of devices.
+  """
+  _, padded = local_batch_size(len(labels) * jax.process_count(), mesh)
+  return _put_global(_pad_batch({'image': images, 'label': labels}, padded),
+                     NamedSharding(mesh, PartitionSpec('data')))
+
+
+def make_train_step(config, steps_per_epoch: int, mesh: Mesh,
+                    rng: jax.Array):
+  """`train_step` jitted over `mesh`: batch sharded, state replicated.
+
+  Args:
+    config: the experiment config.
+    steps_per_epoch: training steps per epoch (for the schedules).
+    mesh: the 1-D 'data' mesh.
+    rng: the augmentation key (step s uses `fold_in(rng, s)`).
+
+  Returns:
+    `step(state, batch) -> (state, metrics)`; the state argument is
+    donated.
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+      functools.partial(train_step, config=config,
+                        sched=loss_schedules(config, steps_per_epoch),
+                        steps_per_epoch=steps_per_epoch, rng=rng),
+      in_shardings=(replicated, NamedSharding(mesh, PartitionSpec('data'))),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+# --------------------------------------------------------------------------
+# Evaluation
+
+
 def evaluate(state: TrainState, dataset, config, mesh, jitted_eval,
              jitted_bounds) -> dict[str, Any]:
   """Clean accuracy and CRA over *every* test example (last batch padded).
 
+  Each host evaluates its own contiguous share of the test set, padded with
+  masked rows to the same number of batches on every host; the batch is
+  rounded up to a multiple of the local device count, so any
+  `config.eval.batch_size` runs on any number of devices.
   `jitted_bounds(state)` gives the certification bounds, once per call.
   """
   bounds = jitted_bounds(state)
   sharding = NamedSharding(mesh, PartitionSpec('data'))
+  hosts, host = jax.process_count(), jax.process_index()
+  local_batch = round_up(-(-config.eval.batch_size // hosts),
+                         len(mesh.local_devices))
+  n = len(dataset.test_labels)
+  per_host = -(-n // hosts)
+  start, stop = min(n, host * per_host), min(n, (host + 1) * per_host)
+  num_batches = max(1, -(-per_host // local_batch))
   totals: dict[str, float] = {}
   for images, labels, mask in data_lib.eval_batches(
-      dataset.test_images, dataset.test_labels,
-      config.eval.batch_size // jax.process_count()):
+      dataset.test_images[start:stop], dataset.test_labels[start:stop],
+      local_batch, num_batches=num_batches):
     batch = _put_global({'image': images, 'label': labels,
                          'mask': mask.astype(np.float32)}, sharding)
     counts = jitted_eval(state, batch, bounds['pairwise'])
     for k, v in counts.items():
       totals[k] = totals.get(k, 0.0) + float(v)
-  n = totals.pop('count')
-  metrics = {'test_accuracy': totals.pop('correct') / n, 'test_count': n}
+  count = totals.pop('count')
+  metrics = {'test_accuracy': totals.pop('correct') / count,
+             'test_count': count}
   for k, v in totals.items():
-    metrics[f'test_{k}'] = v / n
+    metrics[f'test_{k}'] = v / count
   pairwise = np.asarray(bounds['pairwise'])
   metrics['lipschitz_f'] = float(pairwise.max())
   metrics['lipschitz_global'] = float(bounds['lipschitz'])
   metrics['layer_norms'] = [float(x) for x in bounds['layer_norms']]
+  metrics['certification_bound'] = config.eval.bound
   return metrics
 
 
-class MetricWriter:
-  """JSON lines plus TensorBoard events, written by process 0 only."""
-
-  def __init__(self, workdir: str):
-    self._active = jax.process_index() == 0
-    self._jsonl = None
-    self._tb = None
-    if self._active:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      except ImportError:  # TensorBoard events are optional.
-        self._tb = None
-
-  def write(self, step: int, metrics: dict[str, Any]) -> None:
-    if not self._active:
-      return
-    record = {'step': int(step), **{k: _to_python(v)
-                                    for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in record.items():
-        if isinstance(v, (int, float)) and k != 'step':
-          self._tb.add_scalar(k, v, step)
-      self._tb.flush()
-
-  def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
+def lipschitz_hf(config, sched, step) -> float | None:
+  """K^(h o f) of CLL: 1 / sigma_eps(p) at the current slack (sec. 3.3)."""
+  if config.loss.name != 'cll':
+    return None
+  p_now = float(sched.slack(step))
+  return float(1.0 / losses.calibrated_scale(config.loss.epsilon, p_now))
 
 
-def _to_python(v):
-  if isinstance(v, (list, tuple)):
-    return [_to_python(x) for x in v]
-  if isinstance(v, (np.ndarray, jax.Array)):
-    return v.tolist() if np.ndim(v) else float(v)
-  return v
-
-
-def _checkpoint_manager(workdir: str, config):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.train.checkpoints_to_keep, create=True)
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
-
-
-def _restore_or_keep(manager, state: TrainState) -> TrainState:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  latest = manager.latest_step()
-  if latest is None:
-    return state
-  logging.info('resuming from checkpoint at step %d', latest)
-  return manager.restore(latest, args=ocp.args.StandardRestore(state))
+# --------------------------------------------------------------------------
+# Checkpoints
 
 
 def restore_state(config, workdir: str, num_classes: int,
@@ -418,49 +225,134 @@ def restore_state(config, workdir: str, num_classes: int,
 
   Raises:
     FileNotFoundError: `workdir` holds no checkpoint.
+    ValueError: the checkpoint does not fit `config`'s model.
   """
   model = create_model(config, num_classes)
   template = create_train_state(config, model, jax.random.PRNGKey(0),
                                 tuple(input_shape), steps_per_epoch=1)
-  manager = _checkpoint_manager(workdir, config)
+  manager = checkpoints.manager(workdir, create=False)
   try:
-    if manager.latest_step() is None:
-      raise FileNotFoundError(f'no checkpoint in {workdir}')
-    state = _restore_or_keep(manager, template)
+    state = checkpoints.restore(manager, template)
   finally:
     manager.close()
   return model, state
 
 
-def _save(manager, state: TrainState, force: bool = False) -> None:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager.save(int(state.step), args=ocp.args.StandardSave(state),
-               force=force)
+# --------------------------------------------------------------------------
+# Loop
 
 
-def _progress(total: int, initial: int, enabled: bool):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
-              mininterval=2.0, disable=not enabled)
+class _Reporter:
+  """Status lines and the progress bar, on process 0 only."""
+
+  def __init__(self, enabled: bool):
+    self.enabled = enabled and jax.process_index() == 0
+    self.bar = None
+
+  def say(self, message: str) -> None:
+    if self.enabled:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      tqdm.write(message, file=sys.stderr)
+
+  def phase(self, name: str) -> None:
+    """Names what runs now in the bar (a line of its own without a bar)."""
+    if self.bar is not None:
+      self.bar.set_description_str(name, refresh=True)
+    else:
+      self.say(name)
+
+  def start_bar(self, total: int, initial: int) -> None:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    self.bar = tqdm(total=total, initial=initial, unit='step',
+                    dynamic_ncols=True, mininterval=2.0, file=sys.stderr,
+                    disable=not self.enabled)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def _nonfinite_message(state: TrainState, config, steps_per_epoch: int,
+                       last_checkpoint: int | None) -> str:
+  step = int(state.nonfinite['first_step'])
+  loss = float(state.nonfinite['first_loss'])
+  lr = float(learning_rate_schedule(config, steps_per_epoch)(step))
+  what = (f'loss {loss}' if not math.isfinite(loss)
+          else f'finite loss {loss:.6g} but non-finite gradients or '
+               'power-iteration vectors')
+  kept = ('no checkpoint was written yet' if last_checkpoint is None else
+          f'the latest checkpoint (step {last_checkpoint}) is the last good '
+          'one and was kept')
+  return (f'non-finite training step {step} (epoch {step // steps_per_epoch + 1}):'
+          f' {what} at learning rate {lr:.6g}. The step was not applied and '
+          f'nothing after it was saved; {kept}. Lower '
+          '--config.optimizer.learning_rate, or set '
+          "--config.train.on_nonfinite=skip to drop such steps.")
+
+
+def _check_finite(state: TrainState, config, steps_per_epoch: int,
+                  last_checkpoint: int | None) -> None:
+  if (config.train.get('on_nonfinite', 'stop') == 'stop'
+      and int(state.nonfinite['first_step']) >= 0):
+    raise NonFiniteError(_nonfinite_message(state, config, steps_per_epoch,
+                                            last_checkpoint))
+
+
+def _write_final(workdir: str, final: dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    run_records.write_json(
+        workdir, FINAL_METRICS_FILE,
+        {k: metrics_log.to_python(v) for k, v in final.items()})
+    metrics_log.plot_curves(workdir)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_changes: bool = False,
+                       devices=None) -> dict[str, Any]:
   """Trains, evaluates and checkpoints; resumes from `workdir` if possible.
 
+  Args:
+    config: the experiment config (`cll_jax.configs`).
+    workdir: run folder: checkpoints, metrics, figures, `config.json`.
+    allow_config_changes: resume even though fields outside
+      `run_records.FREE_FIELDS` differ from the stored config.
+    devices: devices of the data-parallel mesh (default: all).
+
   Returns:
-    The final evaluation metrics (also written to `workdir/metrics.jsonl` and
+    The final evaluation metrics (also in `workdir/metrics.jsonl` and
     `workdir/final_metrics.json`).
+
+  Raises:
+    ValueError: an invalid config (naming the field), or a resume whose
+      config changes what was trained (`run_records.ConfigChangeError`).
+    NonFiniteError: a non-finite step with `train.on_nonfinite='stop'`, or an
+      epoch in which every step was non-finite.
   """
   validate_config(config)
   if config.get('distributed', False):
     jax.distributed.initialize()
-  mesh = make_mesh()
+  report = _Reporter(config.train.progress_bar)
+  mesh = make_mesh(devices)
+  resume_step = checkpoints.latest_step(workdir)
+  changes = {}
+  if resume_step is not None:
+    changes = run_records.check_resume(
+        workdir, config, allow_changes=allow_config_changes)
+  report.say(f'loading data set {config.data.name!r} (a first load decodes '
+             'and caches it)')
   dataset = load_dataset(config)
+  info = dataset_info(config, dataset)
+  if resume_step is not None:
+    run_records.check_dataset(workdir, info)
+  if jax.process_index() == 0:
+    run_records.record_run(workdir, config, info, changes, resume_step or 0)
+  for field, (old, new) in changes.items():
+    report.say(f'config change on resume: {field}: {old!r} -> {new!r}')
+
   train_images, train_labels = data_lib.host_shard(
       dataset.train_images, dataset.train_labels, jax.process_index(),
       jax.process_count())
-  local_batch = config.train.batch_size // jax.process_count()
+  local_batch, padded_batch = local_batch_size(config.train.batch_size, mesh)
   steps_per_epoch = data_lib.steps_per_epoch(len(train_images), local_batch)
   input_shape = tuple(dataset.train_images.shape[1:])
   model = create_model(config, dataset.num_classes)
@@ -473,11 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   sched = loss_schedules(config, steps_per_epoch)
   radii = tuple(config.eval.radii) + (config.loss.epsilon,)
 
-  jitted_train = jax.jit(
-      functools.partial(train_step, config=config, sched=sched,
-                        steps_per_epoch=steps_per_epoch, rng=aug_rng),
-      in_shardings=(replicated, data_sharding),
-      out_shardings=(replicated, replicated), donate_argnums=0)
+  jitted_train = make_train_step(config, steps_per_epoch, mesh, aug_rng)
   jitted_eval = jax.jit(
       functools.partial(eval_step, config=config, radii=radii),
       in_shardings=(replicated, data_sharding, replicated),
@@ -490,101 +378,127 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       tol=config.train.converge_tol,
       max_iterations=config.train.converge_max_iterations))
 
-  manager = _checkpoint_manager(workdir, config)
-  state = _restore_or_keep(manager, state)
+  def evaluate_now(state):
+    report.phase(f'certifying {len(dataset.test_labels)} test examples '
+                 f'({config.eval.bound} bounds)')
+    record = evaluate(state, dataset, config, mesh, jitted_eval,
+                      jitted_bounds)
+    hf = lipschitz_hf(config, sched, state.step)
+    # Other losses apply a fixed-scale softmax to f: K^(h o f) = K^(f).
+    record['lipschitz_hf'] = record['lipschitz_f'] if hf is None else hf
+    return record
+
+  manager = checkpoints.manager(workdir, config.train.checkpoints_to_keep)
+  last_checkpoint = resume_step
+  if resume_step is not None:
+    state = checkpoints.restore(manager, state)
   state = jax.device_put(state, replicated)
   step = int(state.step)
   start_epoch = step // steps_per_epoch
   num_epochs = config.train.num_epochs
-  writer = MetricWriter(workdir)
-  bar = _progress(num_epochs * steps_per_epoch,
-                  start_epoch * steps_per_epoch,
-                  config.train.progress_bar and jax.process_index() == 0)
+  if resume_step is not None:
+    report.say(f'resuming from step {step} (epoch {start_epoch} of '
+               f'{num_epochs}) in {workdir}')
+  if start_epoch >= num_epochs:
+    manager.close()
+    return _finished_run(workdir, state, changes, evaluate_now, report)
+
+  writer = metrics_log.MetricWriter(workdir, resume_step=step)
   final: dict[str, Any] = {}
   try:
+    report.say('compiling the training step')
+    batch_spec = {
+        'image': jax.ShapeDtypeStruct(
+            (padded_batch * jax.process_count(), *input_shape),
+            train_images.dtype, sharding=data_sharding),
+        'label': jax.ShapeDtypeStruct(
+            (padded_batch * jax.process_count(),), train_labels.dtype,
+            sharding=data_sharding),
+        'mask': jax.ShapeDtypeStruct(
+            (padded_batch * jax.process_count(),), np.float32,
+            sharding=data_sharding)}
+    compiled_train = jitted_train.lower(state, batch_spec).compile()
+    report.start_bar(num_epochs * steps_per_epoch,
+                     start_epoch * steps_per_epoch)
+    report.phase('train')
     for epoch in range(start_epoch, num_epochs):
       epoch_start = time.time()
-      sums: dict[str, float] = {}
+      skipped_before = int(state.nonfinite['count'])
+      sums: dict[str, Any] = {}
       for images, labels in data_lib.train_batches(
           train_images, train_labels, local_batch,
           seed=config.seed + jax.process_index(), epoch=epoch):
-        batch = _put_global({'image': images, 'label': labels},
-                            data_sharding)
-        state, metrics = jitted_train(state, batch)
+        state, metrics = compiled_train(
+            state, device_batch(images, labels, mesh))
         for k, v in metrics.items():
           sums[k] = sums.get(k, 0.0) + v
-        bar.update(1)
+        report.bar.update(1)
         step += 1
         if step % config.train.log_every_steps == 0:
-          bar.set_postfix(loss=f'{float(metrics["loss"]):.4f}',
-                          acc=f'{float(metrics["accuracy"]):.3f}')
-      record = {f'train_{k}': float(v) / steps_per_epoch
+          _check_finite(state, config, steps_per_epoch, last_checkpoint)
+          report.bar.set_postfix(loss=f'{float(metrics["loss"]):.4f}',
+                                 acc=f'{float(metrics["accuracy"]):.3f}')
+      _check_finite(state, config, steps_per_epoch, last_checkpoint)
+      skipped = int(state.nonfinite['count']) - skipped_before
+      if skipped == steps_per_epoch:
+        raise NonFiniteError(
+            f'every step of epoch {epoch + 1} was non-finite and skipped; '
+            + _nonfinite_message(state, config, steps_per_epoch,
+                                 last_checkpoint))
+      # Means over the applied steps (skipped ones report zeros).
+      finite_steps = float(sums.pop('finite'))
+      record = {f'train_{k}': float(v) / max(finite_steps, 1.0)
                 for k, v in sums.items()}
+      record['train_nonfinite_steps'] = skipped
       record['epoch'] = epoch + 1
       record['epoch_seconds'] = time.time() - epoch_start
       last = epoch + 1 == num_epochs
       if last or (epoch + 1) % config.train.converge_every_epochs == 0:
+        report.phase('converging power iteration')
         state = state.replace(power_iteration=jitted_converge(
             state.variables))
       if last or (epoch + 1) % config.train.eval_every_epochs == 0:
-        record.update(evaluate(state, dataset, config, mesh, jitted_eval,
-                               jitted_bounds))
-        if config.loss.name == 'cll':
-          # K^(h o f) = 1 / sigma_eps(p) at the current slack (CLL sec. 3.3).
-          p_now = float(sched.slack(state.step))
-          record['lipschitz_hf'] = float(
-              1.0 / losses.calibrated_scale(config.loss.epsilon, p_now))
-        else:
-          # Other losses apply a fixed-scale softmax to f: K^(h o f) = K^(f).
-          record['lipschitz_hf'] = record['lipschitz_f']
+        record.update(evaluate_now(state))
         final = record
       writer.write(step, record)
       if last or (epoch + 1) % config.train.checkpoint_every_epochs == 0:
-        _save(manager, state, force=last)
+        report.phase('checkpoint')
+        checkpoints.save(manager, state, force=last)
+        last_checkpoint = step
+      report.phase('train')
   finally:
-    bar.close()
+    report.close()
+    report.say('waiting for the last checkpoint to be written')
     manager.wait_until_finished()
     manager.close()
     writer.close()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-      json.dump({k: _to_python(v) for k, v in final.items()}, f, indent=1)
-    _plot_curves(workdir)
+  _write_final(workdir, final)
   return final
 
 
-def _plot_curves(workdir: str) -> None:
-  """Saves training curves (loss, accuracy, CRA) from metrics.jsonl."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return
-  rows = [json.loads(line) for line in open(path) if line.strip()]
-  rows = [r for r in rows if 'epoch' in r]
-  if not rows:
-    return
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-  epochs = [r['epoch'] for r in rows]
-  axes[0].plot(epochs, [r.get('train_loss') for r in rows])
-  axes[0].set_title('train loss')
-  axes[0].set_yscale('log')
-  axes[1].plot(epochs, [r.get('train_accuracy') for r in rows], label='train')
-  evals = [r for r in rows if 'test_accuracy' in r]
-  if evals:
-    axes[1].plot([r['epoch'] for r in evals],
-                 [r['test_accuracy'] for r in evals], 'o-', label='test')
-    for key in sorted(k for k in evals[-1] if k.startswith('test_cra_')):
-      axes[2].plot([r['epoch'] for r in evals], [r[key] for r in evals],
-                   'o-', label=key[len('test_cra_'):])
-  axes[1].set_title('clean accuracy')
-  axes[1].legend()
-  axes[2].set_title('certified robust accuracy (radius)')
-  if evals:
-    axes[2].legend()
-  for ax in axes:
-    ax.set_xlabel('epoch')
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'curves.png'), dpi=100)
-  plt.close(fig)
+def _finished_run(workdir: str, state: TrainState, changes, evaluate_now,
+                  report: _Reporter) -> dict[str, Any]:
+  """A rerun of a finished workdir: keep its results, re-evaluate if asked.
+
+  With unchanged evaluation settings the stored `final_metrics.json` is
+  returned as it is. When the evaluation settings changed (other radii,
+  bound, ...) or the final metrics are missing (a kill after the last
+  checkpoint), the final state is evaluated again and the evaluation part of
+  the last record is replaced.
+  """
+  stored = run_records.read_json(workdir, FINAL_METRICS_FILE)
+  eval_changed = any(f.startswith('eval.') for f in changes)
+  if stored is not None and not eval_changed:
+    report.say(f'{workdir} already finished at step {int(state.step)}; '
+               f'keeping its results ({FINAL_METRICS_FILE})')
+    return stored
+  step = int(state.step)
+  records = metrics_log.read_records(workdir)
+  last = next((r for r in reversed(records) if r.get('step') == step), {})
+  record = {k: v for k, v in last.items()
+            if k != 'step' and not k.startswith('test_')}
+  record.update(evaluate_now(state))
+  if jax.process_index() == 0:
+    metrics_log.replace_record(workdir, {'step': step, **record})
+  _write_final(workdir, record)
+  return record

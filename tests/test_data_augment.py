@@ -178,7 +178,7 @@ def test_full_augmentation_shapes_range_jit_vmap():
 
   @jax.jit
   def both(rng, x):
-    keys = jax.random.split(rng, x.shape[0])
+    keys = augment.example_keys(rng, x.shape[0])
     vmapped = jax.vmap(functools.partial(augment.augment_image, **kwargs))(
         keys, x)
     return augment.augment_batch(rng, x, **kwargs), vmapped
@@ -207,3 +207,13 @@ def test_errors():
   with pytest.raises(ValueError, match='max_rotation_degrees'):
     augment.augment_batch(rng, jnp.zeros((1, 4, 4, 3)),
                           max_rotation_degrees=-1.0)
+
+
+def test_an_examples_augmentation_does_not_depend_on_the_batch_size():
+  # The training loop pads batches with masked rows for the device count;
+  # the real examples must be augmented exactly as without the padding.
+  x = jnp.asarray(_images(6, 16, 16, 3))
+  rng = jax.random.key(7)
+  padded = jnp.concatenate([x, jnp.zeros((2, 16, 16, 3), x.dtype)])
+  np.testing.assert_array_equal(augment.augment_batch(rng, padded)[:6],
+                                augment.augment_batch(rng, x))

@@ -256,3 +256,48 @@ def test_tfds_loader_with_mock_data(tmp_path, name, shape, num_classes):
   np.testing.assert_array_equal(ds.test_labels, expect_labels)
   assert ds.train_images.max() > 0  # Random mock images, not zeros.
   assert len(list(tmp_path.glob('tfds-*.npz'))) == 1
+
+
+# --- errors and the cache -----------------------------------------------------
+
+def test_truncated_image_names_the_file(tmp_path):
+  expect = _make_folder(tmp_path / 'root')
+  del expect
+  bad = tmp_path / 'root' / 'train' / 'a_cls' / 'bad.jpg'
+  Image.fromarray(np.full((4, 5, 3), 90, np.uint8)).save(bad, quality=90)
+  bad.write_bytes(bad.read_bytes()[:60])  # cut inside the JPEG data
+  with pytest.raises(ValueError, match=r'cannot decode image file .*bad\.jpg'):
+    data.load_image_folder(tmp_path / 'root', cache_dir=tmp_path / 'c')
+
+
+def test_unprepared_tfds_set_says_how_to_get_it(tmp_path):
+  pytest.importorskip('tensorflow_datasets')
+  with pytest.raises(FileNotFoundError,
+                     match=r"not prepared.*download=True.*data=offline"):
+    data.load_dataset('cifar10', data_dir=str(tmp_path), cache_dir=tmp_path)
+
+
+def test_unreachable_download_says_what_to_do(tmp_path):
+  with pytest.raises(ConnectionError, match='kwargs.root'):
+    data.download_tiny_imagenet(tmp_path, 'file:///nonexistent/tin.zip',
+                                progress=False)
+  assert not list(tmp_path.iterdir())  # no partial file left
+
+
+def test_cache_keeps_to_its_size_limit_least_recently_used_first(
+    tmp_path, monkeypatch):
+  import os  # pylint: disable=g-import-not-at-top
+  from cll_jax.data import cache  # pylint: disable=g-import-not-at-top
+  blob = np.zeros(250_000, np.uint8)  # ~0.25 MB per entry
+  monkeypatch.setenv('CLL_JAX_CACHE_MAX_GB', str(0.8 / 1024))  # 0.8 MB
+  for i, name in enumerate(('a', 'b', 'c')):
+    cache.save_npz(tmp_path / f'{name}.npz', {'x': blob})
+    os.utime(tmp_path / f'{name}.npz', (1000 + i, 1000 + i))
+  assert cache.load_npz(tmp_path / 'a.npz') is not None  # a: used last
+  cache.save_npz(tmp_path / 'd.npz', {'x': blob})  # over the limit now
+  assert sorted(p.name for p in tmp_path.glob('*.npz')) == [
+      'a.npz', 'c.npz', 'd.npz']
+  # The entry just written is never the one removed.
+  monkeypatch.setenv('CLL_JAX_CACHE_MAX_GB', '0')
+  cache.save_npz(tmp_path / 'e.npz', {'x': blob})
+  assert [p.name for p in tmp_path.glob('*.npz')] == ['e.npz']

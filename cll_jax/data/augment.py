@@ -18,7 +18,7 @@ in this fixed order (the paper's list):
    bilinear interpolation, zero fill;
 
 and the result is clipped to [0, 1]. Everything is jittable; each example
-draws its own randomness from `jax.random.split(rng, batch)`.
+draws its own randomness from `example_keys(rng, batch)`.
 """
 
 from __future__ import annotations
@@ -146,7 +146,10 @@ def augment_batch(rng: jax.Array, images: jax.Array, *, crop_padding: int = 4,
   (64x64); flip; colour jitter 0.25; rotation up to 2 degrees.
 
   Args:
-    rng: PRNG key; example b uses `jax.random.split(rng, B)[b]`.
+    rng: PRNG key; example b uses `example_keys(rng, B)[b]`
+      (`jax.random.fold_in(rng, b)`), so an example's augmentation does not
+      depend on the batch size (padding rows added for the device count
+      change nothing).
     images: (B, H, W, C) floating, values in [0, 1].
     crop_padding: zero padding p of the random crop (0: no crop).
     flip: random horizontal flip with p = 0.5.
@@ -176,16 +179,22 @@ def augment_batch(rng: jax.Array, images: jax.Array, *, crop_padding: int = 4,
                         float(color_jitter), float(max_rotation_degrees))
 
 
+def example_keys(rng: jax.Array, batch_size: int) -> jax.Array:
+  """Key b of a batch is `fold_in(rng, b)`: independent of the batch size."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(
+      jnp.arange(batch_size))
+
+
 # Jitted so that eager calls compile once instead of dispatching op by op.
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _augment_batch(rng, images, crop_padding, flip, color_jitter,
                    max_rotation_degrees):
-  keys = jax.random.split(rng, images.shape[0])
+  keys = example_keys(rng, images.shape[0])
   fn = lambda k, x: augment_image(
       k, x, crop_padding=crop_padding, flip=flip, color_jitter=color_jitter,
       max_rotation_degrees=max_rotation_degrees)
   return jax.vmap(fn)(keys, images)
 
 
-__all__ = ['to_float', 'augment_batch', 'augment_image', 'adjust_brightness',
+__all__ = ['to_float', 'augment_batch', 'augment_image', 'example_keys', 'adjust_brightness',
            'adjust_contrast', 'adjust_saturation', 'translate', 'rotate']

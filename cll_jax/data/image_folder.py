@@ -17,6 +17,7 @@ import pathlib
 from typing import Sequence
 
 import numpy as np
+import tqdm
 from PIL import Image
 
 from cll_jax.data import cache
@@ -29,11 +30,21 @@ def default_num_workers() -> int:
   return max(1, min(2, os.cpu_count() or 1))
 
 
-def _read_image(path: str) -> np.ndarray:
+def read_image(path: str, channels: int = 3) -> np.ndarray:
+  """One image file as uint8 (H, W, channels), channels 3 (RGB) or 1.
+
+  Raises:
+    ValueError: naming the file, when it is truncated or not an image.
+  """
   # PIL releases the GIL while decoding, so threads decode in parallel.
   # Grayscale/palette/CMYK files (Tiny-ImageNet has some) become RGB.
-  with Image.open(path) as image:
-    return np.asarray(image.convert('RGB'), dtype=np.uint8)
+  try:
+    with Image.open(path) as image:
+      if channels == 1:
+        return np.asarray(image.convert('L'), dtype=np.uint8)[..., None]
+      return np.asarray(image.convert('RGB'), dtype=np.uint8)
+  except (OSError, ValueError) as e:  # truncated or not an image
+    raise ValueError(f'cannot decode image file {path!r}: {e}') from e
 
 
 def decode_images(paths: Sequence[str], num_workers: int | None = None
@@ -53,13 +64,13 @@ def decode_images(paths: Sequence[str], num_workers: int | None = None
   """
   if not paths:
     raise ValueError('no image files to decode')
-  first = _read_image(paths[0])
+  first = read_image(paths[0])
   out = np.empty((len(paths),) + first.shape, np.uint8)
   out[0] = first
 
   def work(chunk: range) -> None:
     for i in chunk:
-      image = _read_image(paths[i])
+      image = read_image(paths[i])
       if image.shape != first.shape:
         raise ValueError(
             f'image {paths[i]!r} has shape {image.shape}, but {paths[0]!r} '
@@ -70,13 +81,21 @@ def decode_images(paths: Sequence[str], num_workers: int | None = None
   chunk = 256
   chunks = [range(s, min(s + chunk, len(paths)))
             for s in range(1, len(paths), chunk)]
-  if num_workers == 1:
-    for c in chunks:
-      work(c)
-  else:
-    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-      for f in [pool.submit(work, c) for c in chunks]:
-        f.result()  # Re-raises the first decoding error.
+  # A first decode of a whole data set takes tens of seconds: show it
+  # (tqdm turns itself off when stderr is not a terminal).
+  bar = tqdm.tqdm(total=len(paths), initial=1, unit='image',
+                  desc='decoding images (once; cached afterwards)',
+                  disable=None if len(paths) > 5000 else True, leave=False)
+  with bar:
+    if num_workers == 1:
+      for c in chunks:
+        work(c)
+        bar.update(len(c))
+    else:
+      with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+        for c, f in [(c, pool.submit(work, c)) for c in chunks]:
+          f.result()  # Re-raises the first decoding error.
+          bar.update(len(c))
   return out
 
 

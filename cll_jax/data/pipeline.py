@@ -69,9 +69,18 @@ def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
     yield images[idx], labels[idx]
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                 num_batches: int | None = None
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Yields every example once in order, in batches of exactly `batch_size`.
+
+  Args:
+    images: (N, ...) array.
+    labels: (N,) array.
+    batch_size: examples per batch.
+    num_batches: yield this many batches, the ones past the data all padding
+      (every host of a multi-host evaluation must run the same number of
+      steps); None: ceil(N / batch_size). Must be at least that.
 
   Yields:
     (images, labels, mask): the last batch is zero-padded to `batch_size`;
@@ -81,14 +90,22 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
   _check_pair(images, labels)
   _check_batch_size(batch_size)
   n = len(images)
-  for start in range(0, n, batch_size):
+  needed = -(-n // batch_size)
+  if num_batches is None:
+    num_batches = needed
+  elif num_batches < needed:
+    raise ValueError(
+        f'num_batches={num_batches} batches of {batch_size} cannot hold {n} '
+        'examples')
+  for b in range(num_batches):
+    start = b * batch_size
     x, y = images[start:start + batch_size], labels[start:start + batch_size]
     real = len(x)
     mask = np.arange(batch_size) < real
     if real < batch_size:
       x = np.concatenate(
-          [x, np.zeros((batch_size - real,) + x.shape[1:], x.dtype)])
-      y = np.concatenate([y, np.zeros((batch_size - real,), y.dtype)])
+          [x, np.zeros((batch_size - real,) + images.shape[1:], images.dtype)])
+      y = np.concatenate([y, np.zeros((batch_size - real,), labels.dtype)])
     yield x, y, mask
 
 

@@ -34,6 +34,33 @@ def _read_split(source) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
+_OFFLINE_HINT = {
+    'cifar10': " For CIFAR-10 the offline JPEG copy needs no TFDS: "
+               "'experiments/cifar10_4c3f.py:data=offline'.",
+}
+
+
+def _explain_failure(name: str, data_dir, download: bool,
+                     error: Exception) -> Exception:
+  """A readable error for TFDS's own (an unprepared or unreachable set)."""
+  where = data_dir or '~/tensorflow_datasets'
+  hint = _OFFLINE_HINT.get(name, '')
+  if not download:
+    return FileNotFoundError(
+        f'TFDS data set {name!r} is not prepared in {where} ({error!r}). '
+        'Prepare it once with --config.data.kwargs.download=True (needs '
+        "internet and TensorFlow: pip install '.[prepare]'), or point "
+        '--config.data.kwargs.data_dir at a prepared copy.' + hint)
+  if isinstance(error, ImportError):
+    return ImportError(
+        f'preparing TFDS data set {name!r} runs its TensorFlow builder: '
+        f"pip install '.[prepare]' ({error}).{hint}")
+  return ConnectionError(
+      f'preparing TFDS data set {name!r} in {where} failed: {error!r}. '
+      'Without access to the dataset hosts, prepare it on another machine '
+      'and copy the folder, then set --config.data.kwargs.data_dir.' + hint)
+
+
 def load_tfds(name: str, data_dir: cache.PathLike | None = None,
               download: bool = False, cache_dir: cache.PathLike | None = None,
               train_split: str = 'train', test_split: str = 'test'
@@ -54,11 +81,14 @@ def load_tfds(name: str, data_dir: cache.PathLike | None = None,
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  sources = {
-      split: tfds.data_source(name, split=split, data_dir=data_dir,
-                              download=download)
-      for split in (train_split, test_split)
-  }
+  try:
+    sources = {
+        split: tfds.data_source(name, split=split, data_dir=data_dir,
+                                download=download)
+        for split in (train_split, test_split)
+    }
+  except Exception as e:  # pylint: disable=broad-except
+    raise _explain_failure(name, data_dir, download, e) from e
   info = sources[train_split].dataset_info
   label = info.features['label']
   key = cache.hash_key(

@@ -31,6 +31,16 @@ from cll_jax.data.image_folder import IMAGE_EXTENSIONS, decode_images
 TINY_IMAGENET_URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
 
 
+def _open_url(url: str):
+  try:
+    return urllib.request.urlopen(url)
+  except OSError as e:  # URLError, HTTPError, socket errors
+    raise ConnectionError(
+        f'cannot download {url}: {e}. Machines without access to dataset '
+        'hosts must fetch tiny-imagenet-200.zip elsewhere and pass its path '
+        'as --config.data.kwargs.root (zip or extracted folder).') from e
+
+
 def download_tiny_imagenet(dest_dir: cache.PathLike,
                            url: str = TINY_IMAGENET_URL, *,
                            sha256: str | None = None,
@@ -66,7 +76,7 @@ def download_tiny_imagenet(dest_dir: cache.PathLike,
   try:
     digest = hashlib.sha256()
     done = 0
-    with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(url) as response:
+    with os.fdopen(fd, 'wb') as out, _open_url(url) as response:
       total = int(response.headers.get('Content-Length') or 0)
       shown = -1
       while chunk := response.read(1 << 20):
