@@ -122,6 +122,21 @@ def loss_schedules(config, steps_per_epoch: int) -> LossSchedules:
           loss.trades_beta_epochs * steps_per_epoch))
 
 
+def gloro_head_lipschitz(config, out: models.NetworkOutput
+                         ) -> jax.Array | None:
+  """The head factor h of `losses.gloro_loss`'s official variant, or None.
+
+  None unless `config.loss.gloro_variant == 'official'`. The official code's
+  h is max_ij ||w_i - w_j|| over the head's class vectors, with gradient.
+  With the naive bound `K_ij = s P ||w_i - w_j||` (s the input scale, P the
+  product of the body's norms), `max K / P` is `s h`: the constant s cancels
+  in `h / stop_gradient(h)`, and the gradient into P cancels too.
+  """
+  if config.loss.get('gloro_variant', 'faithful') != 'official':
+    return None
+  return jnp.max(out.pairwise_lipschitz) / jnp.prod(out.layer_norms[:-1])
+
+
 def per_example_loss(config, sched: LossSchedules, out: models.NetworkOutput,
                      labels: jax.Array, step: jax.Array, epoch: jax.Array):
   """The configured loss for every example, and the values it used."""
@@ -148,12 +163,13 @@ def per_example_loss(config, sched: LossSchedules, out: models.NetworkOutput,
     values = losses.multiclass_cll_loss(
         out.logits, labels, pairwise, epsilon, p, delta=delta)
   elif loss.name == 'gloro':
-    values = losses.gloro_loss(out.logits, labels, pairwise, epsilon)
+    values = losses.gloro_loss(out.logits, labels, pairwise, epsilon,
+                               gloro_head_lipschitz(config, out))
   elif loss.name == 'gloro_trades':
     beta = sched.trades_beta(step)
     used['trades_beta'] = beta
     values = losses.gloro_trades_loss(out.logits, labels, pairwise, epsilon,
-                                      beta)
+                                      beta, gloro_head_lipschitz(config, out))
   elif loss.name == 'crm':
     robust = losses.crm_loss(out.logits, labels, pairwise, loss.crm_lambda,
                              loss.crm_temperature, loss.crm_radius_threshold)
