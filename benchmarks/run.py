@@ -211,7 +211,8 @@ def _section_moons() -> list[str]:
   out = ['## 6. Two-moons study', '']
   if not os.path.exists(MOONS_JSON):
     return out + [f'`{os.path.relpath(MOONS_JSON, REPO)}` not found: run '
-                  '`python -m experiments.moons_study`, then this script.']
+                  '`python -m experiments.moons_study '
+                  '--output_dir=results/moons`, then this script.']
   with open(MOONS_JSON) as f:
     data = json.load(f)
   walls = {k: v for k, v in _walk(data) if 'wall' in k or 'seconds' in k}
@@ -225,11 +226,16 @@ def _section_moons() -> list[str]:
   comparison = data.get('seed_comparison')
   if comparison:
     s = comparison['summary']
+    # 'gloro' is GloRo's loss as defined, 'gloro_official' the official
+    # code's gradient (older files hold 'gloro' only).
+    methods = [m for m in ('gloro', 'gloro_official')
+               if f'{m}_mean_train_cra' in s]
     out += ['', f'CLL vs GloRo at eps = {comparison["epsilon"]:g} over seeds '
             f'{comparison["seeds"]}: mean training CRA CLL '
-            f'{100 * s["cll_mean_train_cra"]:.3f}%, GloRo '
-            f'{100 * s["gloro_mean_train_cra"]:.3f}%; GloRo below CLL on '
-            f'{s["gloro_train_cra_below_cll"]} of {s["num_seeds"]} seeds.']
+            f'{100 * s["cll_mean_train_cra"]:.3f}%, ' + ', '.join(
+                f'{m} {100 * s[f"{m}_mean_train_cra"]:.3f}% (below CLL on '
+                f'{s[f"{m}_train_cra_below_cll"]} of {s["num_seeds"]} seeds)'
+                for m in methods) + '.']
   return out
 
 

@@ -14,6 +14,8 @@ import ml_collections
 from cll_jax import models
 from cll_jax import objectives
 from cll_jax import steps
+
+GLORO_VARIANTS = ('faithful', 'official')
 _PATH_KWARGS = {'image_folder': 'root', 'tiny_imagenet': 'root'}
 
 
@@ -84,6 +86,17 @@ def validate_config(config: ml_collections.ConfigDict,
     _fail('loss.delta', l.delta, 'must be >= 0')
   if l.get('offset', 'two_sided') not in ('two_sided', 'one_sided'):
     _fail('loss.offset', l.offset, "must be 'two_sided' or 'one_sided'")
+  variant = l.get('gloro_variant', 'faithful')
+  if variant not in GLORO_VARIANTS:
+    _fail('loss.gloro_variant', variant, f'known: {GLORO_VARIANTS}')
+  if variant == 'official':
+    if l.name not in ('gloro', 'gloro_trades'):
+      _fail('loss.gloro_variant', variant,
+            f"applies to the GloRo losses only, loss.name is {l.name!r}")
+    if m.get('bound', 'naive') != 'naive':
+      # The head factor is read off K_ij = P ||w_i - w_j|| (naive bound).
+      _fail('loss.gloro_variant', variant,
+            f"needs model.bound='naive', got {m.bound!r}")
   if l.lam < 0:
     _fail('loss.lam', l.lam, 'must be >= 0')
   if not l.lipschitz_scale_start > 0:

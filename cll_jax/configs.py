@@ -65,6 +65,11 @@ def default_config() -> ml_collections.ConfigDict:
   # from lipschitz_scale_start to 1 with power lipschitz_scale_gamma (B4).
   c.loss.lipschitz_scale_start = 1.0
   c.loss.lipschitz_scale_gamma = 1.0
+  # GloRo / GloRo-TRADES gradient of K: 'faithful' (the loss as GloRo
+  # defines it) or 'official' (the official CLL code's GloroLoss, whose
+  # body factor P h / stop_gradient(h) also carries the head's gradient;
+  # only to reproduce CLL fig. 4 with that code, see `losses.gloro_loss`).
+  c.loss.gloro_variant = 'faithful'
   c.loss.trades_beta_start = 0.5  # GloRo-TRADES factor, linear ramp start.
   c.loss.trades_beta_end = 20.0  # ... and end (reached after the epochs:)
   c.loss.trades_beta_epochs = 400

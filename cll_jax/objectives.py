@@ -114,12 +114,28 @@ def _cll(cfg, sched, out, labels, step, epoch):
   return values, {'epsilon': epsilon, 'p': p}
 
 
+def gloro_head_lipschitz(loss_config, out) -> jax.Array | None:
+  """The head factor h of `losses.gloro_loss`'s official variant, or None.
+
+  None unless `loss_config.gloro_variant == 'official'` (`loss_config` is
+  the config's `loss` section). The official code's
+  h is max_ij ||w_i - w_j|| over the head's class vectors, with gradient.
+  With the naive bound `K_ij = s P ||w_i - w_j||` (s the input scale, P the
+  product of the body's norms), `max K / P` is `s h`: the constant s cancels
+  in `h / stop_gradient(h)`, and the gradient into P cancels too.
+  """
+  if loss_config.get('gloro_variant', 'faithful') != 'official':
+    return None
+  return jnp.max(out.pairwise_lipschitz) / jnp.prod(out.layer_norms[:-1])
+
+
 @register('gloro')
 def _gloro(cfg, sched, out, labels, step, epoch):
   del epoch
   epsilon = sched.epsilon(step)
   pairwise = training_pairwise(cfg, sched, out, step)
-  return (losses.gloro_loss(out.logits, labels, pairwise, epsilon),
+  return (losses.gloro_loss(out.logits, labels, pairwise, epsilon,
+                            gloro_head_lipschitz(cfg, out)),
           {'epsilon': epsilon})
 
 
@@ -130,7 +146,7 @@ def _gloro_trades(cfg, sched, out, labels, step, epoch):
   beta = sched.trades_beta(step)
   pairwise = training_pairwise(cfg, sched, out, step)
   values = losses.gloro_trades_loss(out.logits, labels, pairwise, epsilon,
-                                    beta)
+                                    beta, gloro_head_lipschitz(cfg, out))
   return values, {'epsilon': epsilon, 'trades_beta': beta}
 
 

@@ -17,6 +17,7 @@ never applied (`on_nonfinite`): the state stays as it was, and
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -80,14 +81,24 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
                                  o.decay_epochs, o.decay_factor)
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_init(model: models.LipschitzNetwork,
+                 input_shape: tuple[int, ...]):
+  """`rng -> model.init(rng, zeros)`, compiled once per model and shape.
+
+  One compiled program instead of hundreds of eagerly dispatched ops (an
+  eager init compiles every layer's power-iteration loop anew: seconds).
+  """
+  return jax.jit(lambda rng: model.init(
+      rng, jnp.zeros((1, *input_shape), jnp.float32)))
+
+
 def create_train_state(config: ml_collections.ConfigDict,
                        model: models.LipschitzNetwork, rng: jax.Array,
                        input_shape: tuple[int, ...],
                        steps_per_epoch: int) -> TrainState:
   """Initialises parameters, power-iteration vectors and the optimizer."""
-  # One compiled program instead of hundreds of eagerly dispatched ops.
-  variables = jax.jit(model.init)(rng, jnp.zeros((1, *input_shape),
-                                                 jnp.float32))
+  variables = _jitted_init(model, tuple(input_shape))(rng)
   schedule = learning_rate_schedule(config, steps_per_epoch)
   if config.optimizer.get('weight_decay', 0.0):
     tx = optax.adamw(schedule, weight_decay=config.optimizer.weight_decay)

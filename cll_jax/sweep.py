@@ -10,11 +10,12 @@ of `train.train_and_evaluate` costs far more than the arithmetic. Here
   the power iteration converged (`models.converge_power_iteration`) after
   every `converge_every` epochs and after the last one, as the paper does
   after every epoch (CLL supp. B);
-* the R runs of a sweep, whose configs differ only in the loss
-  hyper-parameters `SWEEP_FIELDS` (eps, the slack schedule), train together
-  under `jax.vmap`: they share the model, the optimizer, the initial
-  parameters (same seed) and the batch order, so their differences come from
-  the hyper-parameters alone.
+* the R runs of a sweep, whose configs differ only in `SWEEP_FIELDS` (the
+  loss hyper-parameters eps and the slack schedule, and the seeds), train
+  together under `jax.vmap`: they share the model and the optimizer; runs
+  with the same seed also share the initial parameters and the batch order,
+  so their differences come from the hyper-parameters alone. Runs whose
+  data seeds differ get one data set each (same size).
 
 The loss schedules of every run are the library's (`train.loss_schedules` of
 that run's config); inside the vmapped step the run's own values are picked
@@ -43,7 +44,7 @@ from cll_jax import train
 
 # Config fields (dotted paths) in which the runs of one sweep may differ.
 SWEEP_FIELDS = ('loss.epsilon', 'loss.p_start', 'loss.p_end', 'loss.p_gamma',
-                'eval.radii')
+                'eval.radii', 'seed', 'data.kwargs.seed')
 
 
 def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
@@ -114,10 +115,15 @@ def epoch_batches(key: jax.Array, epoch: jax.Array, num_examples: int,
   return perm[:steps * batch_size].reshape(steps, batch_size)
 
 
-def replicate(tree, num_runs: int):
-  """Stacks `num_runs` copies of every leaf along a new leading axis."""
-  return jax.tree.map(
-      lambda x: jnp.broadcast_to(x, (num_runs, *jnp.shape(x))).copy(), tree)
+def _stack(trees: Sequence[Any]):
+  """Stacks the leaves of same-shaped pytrees into the first one's structure.
+
+  Leaf-wise, not `jax.tree.map`: the train states of different seeds hold
+  distinct (equal) optimizer objects in their static metadata.
+  """
+  leaves = [jax.tree.leaves(t) for t in trees]
+  return jax.tree.unflatten(jax.tree.structure(trees[0]),
+                            [jnp.stack(xs) for xs in zip(*leaves)])
 
 
 def unstack(tree, index: int):
@@ -132,6 +138,16 @@ class Sweep:
     sweep = Sweep(configs, model, images, labels)
     states, losses = sweep.train(num_epochs)       # stacked TrainStates
 
+  Run r draws its initial parameters and batch order from `configs[r].seed`
+  (as `train.train_and_evaluate`: init from `split(PRNGKey(seed))[0]`, the
+  batch order from `fold_in(PRNGKey(seed), 1)`). The data are the caller's:
+  one `images`, `labels` pair for every run, or a list of pairs (one per
+  run), needed when the runs' `data.kwargs.seed` differ.
+
+  `epoch_summary(state) -> {name: array}`, if given, is evaluated on each
+  run's state after every epoch (after the power iteration is converged, if
+  due); `train` returns its values per epoch.
+
   Attributes:
     configs: the R run configs.
     config: the shared config (the first run's).
@@ -142,9 +158,12 @@ class Sweep:
   """
 
   def __init__(self, configs: Sequence[ml_collections.ConfigDict],
-               model: models.LipschitzNetwork, images: np.ndarray,
-               labels: np.ndarray, *, converge_every: int = 1,
-               epochs_per_call: int = 50):
+               model: models.LipschitzNetwork,
+               images: np.ndarray | Sequence[np.ndarray],
+               labels: np.ndarray | Sequence[np.ndarray], *,
+               converge_every: int = 1, epochs_per_call: int = 50,
+               epoch_summary: Callable[[train.TrainState],
+                                       dict[str, jax.Array]] | None = None):
     if converge_every < 1:
       raise ValueError(f'converge_every must be >= 1, got {converge_every}')
     if epochs_per_call < 1:
@@ -152,32 +171,57 @@ class Sweep:
     self.configs = list(configs)
     self.config = check_sweep_configs(self.configs)
     self.model = model
-    self.images = jnp.asarray(images)
-    self.labels = jnp.asarray(labels)
     self.num_runs = len(self.configs)
-    self.input_shape = tuple(images.shape[1:])
+    self.per_run_data = isinstance(images, (list, tuple))
+    if self.per_run_data:
+      if not len(images) == len(labels) == self.num_runs:
+        raise ValueError(
+            f'per-run data need one images and labels array per config '
+            f'({self.num_runs}), got {len(images)} and {len(labels)}')
+      shapes = {np.shape(x) for x in images}
+      if len(shapes) != 1:
+        raise ValueError(f'per-run images must have one shape, got {shapes}')
+      self.images = jnp.stack([jnp.asarray(x) for x in images])
+      self.labels = jnp.stack([jnp.asarray(y) for y in labels])
+      example_images = images[0]
+    else:
+      data_seeds = {c.data.kwargs.get('seed') for c in self.configs}
+      if len(data_seeds) > 1:
+        raise ValueError(
+            f'the configs differ in data.kwargs.seed {sorted(data_seeds)}; '
+            f'pass one images and labels array per run')
+      self.images = jnp.asarray(images)
+      self.labels = jnp.asarray(labels)
+      example_images = images
+    self.input_shape = tuple(example_images.shape[1:])
     self.batch_size = self.config.train.batch_size
-    self.steps_per_epoch = data_lib.steps_per_epoch(len(images),
+    self.steps_per_epoch = data_lib.steps_per_epoch(len(example_images),
                                                     self.batch_size)
     self.converge_every = converge_every
     self.epochs_per_call = epochs_per_call
-    rng = jax.random.PRNGKey(self.config.seed)
-    init_rng, self._aug_rng = jax.random.split(rng)
-    self._data_key = jax.random.fold_in(rng, 1)
-    state = train.create_train_state(self.config, model, init_rng,
-                                     self.input_shape, self.steps_per_epoch)
-    self.state = replicate(state, self.num_runs)
+    self.epoch_summary = epoch_summary
+    rngs = [jax.random.PRNGKey(c.seed) for c in self.configs]
+    init_rngs, aug_rngs = zip(*(jax.random.split(rng) for rng in rngs))
+    self._aug_rngs = jnp.stack(aug_rngs)
+    self._data_keys = jnp.stack([jax.random.fold_in(rng, 1) for rng in rngs])
+    states = {}
+    for c, init_rng in zip(self.configs, init_rngs):
+      if c.seed not in states:
+        states[c.seed] = train.create_train_state(
+            self.config, model, init_rng, self.input_shape,
+            self.steps_per_epoch)
+    self.state = _stack([states[c.seed] for c in self.configs])
     self.epochs_done = 0
     self._compiled: dict[int, Callable] = {}
 
-  def _run_chunk(self, state, run_index, first_epoch, images, labels, *,
-                 num_epochs: int, total_epochs: int):
+  def _run_chunk(self, state, run_index, first_epoch, images, labels,
+                 aug_rng, data_key, *, num_epochs: int, total_epochs: int):
     """`num_epochs` epochs of one run (vmapped over `state`, `run_index`)."""
     c = self.config
     sched = stacked_schedules(self.configs, self.steps_per_epoch, run_index)
     step_fn = functools.partial(
         train.train_step, config=c, sched=sched,
-        steps_per_epoch=self.steps_per_epoch, rng=self._aug_rng)
+        steps_per_epoch=self.steps_per_epoch, rng=aug_rng)
     converge = functools.partial(
         models.converge_power_iteration, self.model,
         input_shape=self.input_shape, tol=c.train.converge_tol,
@@ -188,15 +232,17 @@ class Sweep:
       return st, (metrics['loss'], metrics['accuracy'])
 
     def one_epoch(st, epoch):
-      idx = epoch_batches(self._data_key, epoch, images.shape[0],
-                          self.batch_size)
+      idx = epoch_batches(data_key, epoch, images.shape[0], self.batch_size)
       st, (loss, acc) = jax.lax.scan(one_step, st, idx)
       # `epoch` is not vmapped, so this stays a real branch under vmap.
       due = ((epoch + 1) % self.converge_every == 0) | (
           epoch + 1 == total_epochs)
       pi = jax.lax.cond(due, lambda: converge(st.variables),
                         lambda: st.power_iteration)
-      return st.replace(power_iteration=pi), (jnp.mean(loss), jnp.mean(acc))
+      st = st.replace(power_iteration=pi)
+      summary = self.epoch_summary(st) if self.epoch_summary else {}
+      return st, {'loss': jnp.mean(loss), 'accuracy': jnp.mean(acc),
+                  **summary}
 
     epochs = first_epoch + jnp.arange(num_epochs)
     return jax.lax.scan(one_epoch, state, epochs)
@@ -206,8 +252,10 @@ class Sweep:
     if key not in self._compiled:
       fn = functools.partial(self._run_chunk, num_epochs=num_epochs,
                              total_epochs=total_epochs)
+      data_axis = 0 if self.per_run_data else None
       self._compiled[key] = jax.jit(
-          jax.vmap(fn, in_axes=(0, 0, None, None, None)), donate_argnums=0)
+          jax.vmap(fn, in_axes=(0, 0, None, data_axis, data_axis, 0, 0)),
+          donate_argnums=0)
     return self._compiled[key]
 
   def train(self, num_epochs: int, log: Callable[[str], None] | None = None
@@ -215,25 +263,28 @@ class Sweep:
     """Trains all runs for `num_epochs` epochs (the configs' total).
 
     Returns:
-      The stacked final states and per-epoch means `{'loss', 'accuracy'}`,
-      each `(R, num_epochs)` (training batches, before each step's update).
+      The stacked final states and the per-epoch history: means
+      `{'loss', 'accuracy'}` over the training batches (before each step's
+      update), each `(R, num_epochs)`, and the `epoch_summary` values, each
+      `(R, num_epochs, ...)`.
     """
-    losses, accs = [], []
+    chunks = []
     run_index = jnp.arange(self.num_runs)
     while self.epochs_done < num_epochs:
       n = min(self.epochs_per_call, num_epochs - self.epochs_done)
       fn = self._compiled_chunk(n, num_epochs)
       start = time.time()
-      self.state, (loss, acc) = fn(self.state, run_index,
-                                   jnp.asarray(self.epochs_done), self.images,
-                                   self.labels)
-      loss, acc = np.asarray(loss), np.asarray(acc)
+      self.state, history = fn(self.state, run_index,
+                               jnp.asarray(self.epochs_done), self.images,
+                               self.labels, self._aug_rngs, self._data_keys)
+      history = jax.tree.map(np.asarray, history)
       self.epochs_done += n
-      losses.append(loss)
-      accs.append(acc)
+      chunks.append(history)
       if log is not None:
         log(f'epoch {self.epochs_done}/{num_epochs} ({time.time() - start:.1f}'
-            f' s): loss {np.array2string(loss[:, -1], precision=4)}, train '
-            f'acc {np.array2string(acc[:, -1], precision=3)}')
-    return self.state, {'loss': np.concatenate(losses, axis=1),
-                        'accuracy': np.concatenate(accs, axis=1)}
+            f' s): loss {np.array2string(history["loss"][:, -1], precision=4)}'
+            f', train acc '
+            f'{np.array2string(history["accuracy"][:, -1], precision=3)}')
+    history = ({k: np.concatenate([h[k] for h in chunks], axis=1)
+                for k in chunks[0]} if chunks else {})
+    return self.state, history

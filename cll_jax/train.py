@@ -46,7 +46,8 @@ from cll_jax import run_records
 from cll_jax.config_validation import validate_config
 # The state and steps, re-exported: `train.train_step` etc. as in flax's
 # examples.
-from cll_jax.objectives import LossSchedules, loss_schedules  # pylint: disable=unused-import
+from cll_jax.objectives import (  # pylint: disable=unused-import
+    LossSchedules, gloro_head_lipschitz, loss_schedules, per_example_loss)
 from cll_jax.steps import (  # pylint: disable=unused-import
     Batch, TrainState, certification_bounds, create_model,
     create_train_state, eval_step, learning_rate_schedule, prepare_images,

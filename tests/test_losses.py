@@ -294,6 +294,106 @@ def test_gloro_trades_vs_direct_numpy_kl():
       losses.gloro_trades_loss(f, y, k, eps, 0.0), ce, rtol=1e-5)
 
 
+def _two_layer_net(x, w1, w2, b2):
+  """2-class, 2-layer net: logits, head input, body norm P, ||w_0 - w_1||.
+
+  K_01 = P ||w_0 - w_1|| with P = ||W1||_2 (the naive bound of a ReLU net).
+  """
+  h = jnp.maximum(x @ w1, 0.0)
+  body = jnp.linalg.norm(w1, 2)
+  distance = jnp.linalg.norm(w2[:, 0] - w2[:, 1])
+  k = body * distance * (1.0 - jnp.eye(2))
+  return h @ w2 + b2, h, body, distance, k
+
+
+def _hand_head_gradient(f, h, y, body, w2, eps, multiplicity, trades_beta):
+  """d mean(loss) / dW2 by hand, float64, for N = 2.
+
+  GloRo: with j = argmax f, i = 1 - j, z = [f_0, f_1, f_i + eps K_01] and
+  q = softmax(z), dl/df_k = q_k - [k = y] + q_bot [k = i], dl/dK = eps q_bot.
+  TRADES: l = CE(f) + beta softplus(f_bot - lse(f)); with s the logistic of
+  the softplus' argument and p = softmax(f), dl/df_k = p_k - [k = y]
+  + beta (s [k = i] - s p_k) and dl/dK = beta eps s.
+  K_01 = P ||w_0 - w_1|| gives dK/dw_0 = -dK/dw_1 = m P (w_0 - w_1) / d,
+  where m = 1 for the loss as defined and m = 2 for the official variant
+  (K ||w_0 - w_1|| / sg(||w_0 - w_1||)).
+  """
+  f, h, w2 = (np.asarray(a, np.float64) for a in (f, h, w2))
+  n = len(y)
+  k01 = body * np.linalg.norm(w2[:, 0] - w2[:, 1])
+  top = f.argmax(axis=1)
+  other = 1 - top
+  bottom = f[np.arange(n), other] + eps * k01
+  is_other = np.eye(2)[other]
+  if trades_beta is None:
+    z = np.concatenate([f, bottom[:, None]], axis=1)
+    q = np.exp(z - _logsumexp64(z)[:, None])
+    dl_df = q[:, :2] - np.eye(2)[y] + q[:, 2:] * is_other
+    dl_dk = eps * q[:, 2]
+  else:
+    p = np.exp(f - _logsumexp64(f)[:, None])
+    sig = 1.0 / (1.0 + np.exp(-(bottom - _logsumexp64(f))))
+    dl_df = p - np.eye(2)[y] + trades_beta * sig[:, None] * (is_other - p)
+    dl_dk = trades_beta * eps * sig
+  unit = (w2[:, 0] - w2[:, 1]) / np.linalg.norm(w2[:, 0] - w2[:, 1])
+  dk_dw = multiplicity * body * np.stack([unit, -unit], axis=1)
+  return h.T @ dl_df / n + dl_dk.mean() * dk_dw
+
+
+@pytest.mark.parametrize('trades_beta', [None, 3.0])
+def test_gloro_official_variant_doubles_the_head_gradient_of_k(trades_beta):
+  rng = np.random.default_rng(21)
+  x = rng.normal(size=(8, 3)).astype(np.float32)
+  y = np.array([0, 1, 1, 0, 1, 0, 0, 1])
+  w1 = rng.normal(size=(3, 4)).astype(np.float32) * 0.6
+  w2 = rng.normal(size=(4, 2)).astype(np.float32) * 0.6
+  b2 = np.array([0.1, -0.2], np.float32)
+  eps = 0.3
+
+  def loss(w1, w2, official):
+    f, _, _, distance, k = _two_layer_net(x, w1, w2, b2)
+    head = distance if official else None
+    if trades_beta is None:
+      values = losses.gloro_loss(f, y, k, eps, head_lipschitz=head)
+    else:
+      values = losses.gloro_trades_loss(f, y, k, eps, trades_beta,
+                                        head_lipschitz=head)
+    return values.mean(), values
+
+  (_, faithful), grads_faithful = jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True)(w1, w2, False)
+  (_, official), grads_official = jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True)(w1, w2, True)
+  # Equal values: K h / sg(h) is K exactly.
+  np.testing.assert_array_equal(faithful, official)
+
+  f, h, body, _, _ = _two_layer_net(x, w1, w2, b2)
+  f = np.asarray(f)
+  assert (f.argmax(1) == y).any() and (f.argmax(1) != y).any()
+  for multiplicity, grads in ((1, grads_faithful), (2, grads_official)):
+    want = _hand_head_gradient(f, h, y, float(body), w2, eps, multiplicity,
+                               trades_beta)
+    np.testing.assert_allclose(grads[1], want, rtol=2e-5, atol=1e-6)
+  # The head's K-path term is what differs, and it is not negligible here.
+  extra = (_hand_head_gradient(f, h, y, float(body), w2, eps, 2, trades_beta)
+           - _hand_head_gradient(f, h, y, float(body), w2, eps, 1,
+                                 trades_beta))
+  assert np.abs(extra).max() > 0.05 * np.abs(np.asarray(grads[1])).max()
+  # The body's gradient is the same in both variants.
+  np.testing.assert_allclose(grads_official[0], grads_faithful[0], rtol=1e-6,
+                             atol=1e-7)
+
+
+def test_gloro_head_lipschitz_bad_inputs():
+  f = np.array([[1.0, 0.0]], np.float32)
+  k = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)
+  with pytest.raises(ValueError, match='head_lipschitz must be a scalar'):
+    losses.gloro_loss(f, np.array([0]), k, 0.1, head_lipschitz=np.ones(2))
+  with pytest.raises(ValueError, match='head_lipschitz must be > 0'):
+    losses.gloro_trades_loss(f, np.array([0]), k, 0.1, 1.0,
+                             head_lipschitz=0.0)
+
+
 # ---------------------------------------------------------------------------
 # lambda K^2 and CRM
 # ---------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 * A shortened study writes its figures and tables, and its reported numbers
   are recomputed independently from the saved parameters: a numpy forward
   pass (dense + MinMax), layer norms from a float64 SVD, the strict margin
-  rule, and K^(h o f) from the closed form of CLL eq. 5.
+  rule, K^(h o f) from the closed form of CLL eq. 5, and the head/body
+  trajectories' last values.
 """
 
 import functools
@@ -25,27 +26,42 @@ from cll_jax.data import moons as moons_data
 from experiments import moons_study
 
 
-def _tiny_configs(runs, *, epochs=2, num_train=64, batch_size=16):
-  return [moons_study.make_config(loss, eps, p, epochs=epochs,
+def _tiny_configs(runs, *, epochs=2, num_train=64, batch_size=16, seed=3):
+  return [moons_study.make_config(method, eps, p, epochs=epochs,
                                   num_train=num_train, num_val=32,
-                                  batch_size=batch_size, seed=3)
-          for loss, eps, p in runs]
+                                  batch_size=batch_size, seed=seed)
+          for method, eps, p in runs]
 
 
 def test_sweep_equals_train_step_run_by_run():
+  # Runs 0 and 1 differ in eps and p (same seed and data), run 2 in its
+  # seed (init, batch order) and data.
   configs = _tiny_configs([('cll', 0.1, None), ('cll', 0.25, 0.3)])
+  configs += _tiny_configs([('cll', 0.1, None)], seed=4)
   for c in configs:
     c.train.converge_max_iterations = 50
-  points, labels = moons_data.make_moons(64, seed=5)
+  data = [moons_data.make_moons(64, seed=5)] * 2 + [
+      moons_data.make_moons(64, seed=6)]
   model = train.create_model(configs[0], 2)
-  sw = sweep.Sweep(configs, model, points, labels, epochs_per_call=1)
+
+  def summary(state):  # Any function of the state after each epoch.
+    return {'head_sum': jnp.sum(state.params['head']['kernel']),
+            'u_head': state.power_iteration['head']['u']}
+
+  sw = sweep.Sweep(configs, model, [x for x, _ in data],
+                   [y for _, y in data], epochs_per_call=1,
+                   epoch_summary=summary)
   states, history = sw.train(2)
-  assert history['loss'].shape == (2, 2)
+  assert history['loss'].shape == (3, 2)
+  assert history['u_head'].shape == (3, 2, 10)
 
   # Reference: the plain jitted train_step, one run at a time, on the same
-  # batches, with that run's own (unstacked) schedules.
+  # batches, with that run's own (unstacked) schedules and seed.
   spe = sw.steps_per_epoch
-  for i, c in enumerate(configs):
+  converge = jax.jit(functools.partial(
+      models.converge_power_iteration, model, input_shape=(2,),
+      tol=configs[0].train.converge_tol, max_iterations=50))
+  for i, (c, (points, labels)) in enumerate(zip(configs, data)):
     rng = jax.random.PRNGKey(c.seed)
     init_rng, aug_rng = jax.random.split(rng)
     state = train.create_train_state(c, model, init_rng, (2,), spe)
@@ -58,9 +74,14 @@ def test_sweep_equals_train_step_run_by_run():
       for b in idx:
         state, metrics = step(state, {'image': jnp.asarray(points[b]),
                                       'label': jnp.asarray(labels[b])})
-      state = state.replace(power_iteration=models.converge_power_iteration(
-          model, state.variables, (2,), tol=c.train.converge_tol,
-          max_iterations=50))
+      state = state.replace(power_iteration=converge(state.variables))
+      np.testing.assert_allclose(
+          history['head_sum'][i, epoch],
+          float(jnp.sum(state.params['head']['kernel'])), rtol=1e-4,
+          atol=1e-5)
+      np.testing.assert_allclose(history['u_head'][i, epoch],
+                                 state.power_iteration['head']['u'],
+                                 rtol=1e-3, atol=1e-4)
     got = sweep.unstack(states, i)
     np.testing.assert_allclose(float(metrics['epsilon']),
                                c.loss.epsilon, rtol=1e-6)
@@ -69,9 +90,11 @@ def test_sweep_equals_train_step_run_by_run():
     for a, b in zip(jax.tree.leaves(got.power_iteration),
                     jax.tree.leaves(state.power_iteration)):
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
-  # The runs really differ (different eps and p).
-  a, b = (jax.tree.leaves(sweep.unstack(states, i).params)[0] for i in (0, 1))
-  assert not np.allclose(a, b)
+  # The runs really differ (eps and p; seed and data).
+  kernels = [jax.tree.leaves(sweep.unstack(states, i).params)[0]
+             for i in range(3)]
+  assert not np.allclose(kernels[0], kernels[1])
+  assert not np.allclose(kernels[0], kernels[2])
 
 
 def test_sweep_rejects_configs_differing_outside_the_loss_fields():
@@ -82,6 +105,19 @@ def test_sweep_rejects_configs_differing_outside_the_loss_fields():
   cll, gloro = _tiny_configs([('cll', 0.1, None), ('gloro', 0.1, None)])
   with pytest.raises(ValueError, match='loss.name'):
     sweep.check_sweep_configs([cll, gloro])
+  faithful, official = _tiny_configs([('gloro', 0.1, None),
+                                      ('gloro_official', 0.1, None)])
+  with pytest.raises(ValueError, match='loss.gloro_variant'):
+    sweep.check_sweep_configs([faithful, official])
+  # Runs on other data seeds need their own data.
+  configs = _tiny_configs([('cll', 0.1, None)]) + _tiny_configs(
+      [('cll', 0.1, None)], seed=4)
+  points, labels = moons_data.make_moons(64, seed=5)
+  model = train.create_model(configs[0], 2)
+  with pytest.raises(ValueError, match='data.kwargs.seed'):
+    sweep.Sweep(configs, model, points, labels)
+  with pytest.raises(ValueError, match='one images and labels array per'):
+    sweep.Sweep(configs, model, [points], [labels])
 
 
 def _numpy_logits(flat, run, x):
@@ -97,13 +133,17 @@ def _numpy_logits(flat, run, x):
   return h
 
 
-def _svd_k01(flat, run):
+def _svd_body_product(flat, run):
   prefix = 1.0
   for i in range(6):
     w = flat[f'{run}/params/layer_{i}/kernel'].astype(np.float64)
     prefix *= np.linalg.svd(w, compute_uv=False)[0]
+  return prefix
+
+
+def _head_distance(flat, run):
   head = flat[f'{run}/params/head/kernel'].astype(np.float64)
-  return prefix * np.linalg.norm(head[:, 1] - head[:, 0])
+  return np.linalg.norm(head[:, 1] - head[:, 0])
 
 
 def test_short_study_writes_outputs_with_independently_checked_numbers(
@@ -113,18 +153,26 @@ def test_short_study_writes_outputs_with_independently_checked_numbers(
       out, epochs=3, eps_values=(0.15, 0.25), slack_p_code=(0.75, 1e-4),
       num_train=200, num_val=400, batch_size=50, grid_resolution=40,
       comparison_seeds=(1,), comparison_eps=0.15)
-  for name in ('moons_fig4.png', 'moons_slack_d2.png', 'moons_results.json',
-               'moons_results.md', 'moons_params.npz'):
+  for name in ('moons_fig4.png', 'moons_fig4_official.png',
+               'moons_slack_d2.png', 'moons_trajectories.png',
+               'moons_results.json', 'moons_results.md', 'moons_params.npz',
+               'moons_trajectories.npz'):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
   on_disk = json.load(open(os.path.join(out, 'moons_results.json')))
   assert on_disk == json.loads(json.dumps(result))
   runs = on_disk['runs']
   assert [r['name'] for r in runs] == [
       'cll_eps0.15', 'cll_eps0.25', 'gloro_eps0.15', 'gloro_eps0.25',
+      'gloro_official_eps0.15', 'gloro_official_eps0.25',
       'cll_eps0.15_pcode0.75', 'cll_eps0.15_pcode0.0001']
+  assert {r['name']: r['gloro_variant'] for r in runs if r['loss'] == 'gloro'
+          } == {'gloro_eps0.15': 'faithful', 'gloro_eps0.25': 'faithful',
+                'gloro_official_eps0.15': 'official',
+                'gloro_official_eps0.25': 'official'}
 
   dataset = moons_data.load_moons(num_train=200, num_test=400)
   flat = dict(np.load(os.path.join(out, 'moons_params.npz')))
+  trajectories = dict(np.load(os.path.join(out, 'moons_trajectories.npz')))
   md = open(os.path.join(out, 'moons_results.md')).read()
   rows = [line for line in md.splitlines()
           if line.startswith('| fig4') or line.startswith('| slack_d2')]
@@ -137,9 +185,31 @@ def test_short_study_writes_outputs_with_independently_checked_numbers(
     eps = r['epsilon']
 
     # The sound K_01 is above the exact (SVD) product bound, and close.
-    k_svd = _svd_k01(flat, r['name'])
+    body = _svd_body_product(flat, r['name'])
+    distance = _head_distance(flat, r['name'])
+    k_svd = body * distance
     assert k_svd <= r['K_01'] <= k_svd * (1 + 5e-3), r['name']
     assert r['K_f'] == pytest.approx(r['K_01'])
+    assert body <= r['body_product_sound'] <= body * (1 + 5e-3)
+    assert r['head_w0_minus_w1'] == pytest.approx(distance, rel=1e-6)
+    head = flat[f'{r["name"]}/params/head/kernel'].astype(np.float64)
+    np.testing.assert_allclose(r['head_class_vector_norms'],
+                               np.linalg.norm(head, axis=0), rtol=1e-6)
+
+    # GloRo runs: the last saved epoch of the trajectories is the final
+    # state (power iteration converged: estimates of the SVD values).
+    if r['loss'] == 'gloro':
+      t = {k.split('/')[1]: v for k, v in trajectories.items()
+           if k.split('/')[0] == r['name']}
+      np.testing.assert_array_equal(t['epochs'], [3])
+      assert t['w0_minus_w1'][-1] == pytest.approx(distance, rel=1e-5)
+      assert t['w0_norm'][-1] == pytest.approx(np.linalg.norm(head[:, 0]),
+                                               rel=1e-5)
+      assert t['w1_norm'][-1] == pytest.approx(np.linalg.norm(head[:, 1]),
+                                               rel=1e-5)
+      assert body * (1 - 1e-3) <= t['body_product'][-1] <= body * (1 + 1e-5)
+      assert t['K_01'][-1] == pytest.approx(
+          t['body_product'][-1] * t['w0_minus_w1'][-1], rel=1e-5)
 
     # CRA from the saved parameters with the strict rule and the JSON's K_01.
     for x, y, key, count in (
@@ -157,7 +227,7 @@ def test_short_study_writes_outputs_with_independently_checked_numbers(
       assert r[key] == pytest.approx(r[count] / len(y))
 
     # K^(h o f): CLL 1/sigma_eps(p) = (log(1-p) - log p) / eps (eq. 5).
-    if r['loss'] == 'cll':
+    if r['method'] == 'cll':
       p = r['p_final']
       if r['p_code'] is not None:
         assert p == pytest.approx(r['p_code'] / 2, rel=1e-6)
@@ -168,7 +238,7 @@ def test_short_study_writes_outputs_with_independently_checked_numbers(
 
     # The markdown row shows the JSON's numbers.
     cells = [c.strip() for c in row.strip('|').split('|')]
-    assert cells[1] == r['loss']
+    assert cells[1] == r['method']
     assert float(cells[3]) == pytest.approx(eps)
     assert cells[6] == f'{100 * r["train_cra"]:.2f}%'
     assert cells[7] == f'{100 * r["val_cra"]:.2f}%'
@@ -177,33 +247,40 @@ def test_short_study_writes_outputs_with_independently_checked_numbers(
     if r['p_code'] is not None:
       assert re.search(r'code 0?\.?\d', cells[4]), cells[4]
 
-  # Seed comparison: seed 0 is the main study's pair (not retrained), seed 1
-  # a new pair on its own data; the counts match the records.
+  # Seed comparison: seed 0 is the main study's runs (not retrained), seed 1
+  # new runs on their own data; the counts match the records.
+  methods = ('cll', 'gloro', 'gloro_official')
   comp = on_disk['seed_comparison']
   assert comp['seeds'] == [0, 1]
-  by = {(r['seed'], r['loss']): r for r in comp['runs']}
-  assert set(by) == {(0, 'cll'), (0, 'gloro'), (1, 'cll'), (1, 'gloro')}
+  by = {(r['seed'], r['method']): r for r in comp['runs']}
+  assert set(by) == {(s, m) for s in (0, 1) for m in methods}
   main = {r['name']: r for r in runs}
-  for loss in ('cll', 'gloro'):
-    assert {k: v for k, v in by[(0, loss)].items() if k != 'seed'} == (
-        main[f'{loss}_eps0.15'])
-    assert by[(1, loss)]['num_train'] == 200
+  for method in methods:
+    assert by[(0, method)] == main[f'{method}_eps0.15']
+    assert by[(1, method)]['num_train'] == 200
+    assert by[(1, method)]['group'] == 'seeds'
   # Seed 1 draws other points, so the same loss gives another K.
   assert by[(1, 'cll')]['K_f'] != by[(0, 'cll')]['K_f']
   summary = comp['summary']
-  pairs = [(by[(s, 'cll')], by[(s, 'gloro')]) for s in (0, 1)]
-  assert summary['gloro_train_cra_below_cll'] == sum(
-      g['train_cra'] < c['train_cra'] for c, g in pairs)
-  assert summary['cll_K_hf_above_gloro'] == sum(
-      c['K_hf'] > g['K_hf'] for c, g in pairs)
-  assert summary['cll_mean_val_cra'] == pytest.approx(
-      np.mean([c['val_cra'] for c, _ in pairs]))
+  for method in methods[1:]:
+    pairs = [(by[(s, 'cll')], by[(s, method)]) for s in (0, 1)]
+    assert summary[f'{method}_train_cra_below_cll'] == sum(
+        g['train_cra'] < c['train_cra'] for c, g in pairs)
+    assert summary[f'{method}_train_cra_equal_cll'] == sum(
+        g['train_cra'] == c['train_cra'] for c, g in pairs)
+    assert summary[f'cll_K_hf_above_{method}'] == sum(
+        c['K_hf'] > g['K_hf'] for c, g in pairs)
+    assert summary[f'{method}_mean_val_cra'] == pytest.approx(
+        np.mean([g['val_cra'] for _, g in pairs]))
+    # The seed runs' trajectories are saved too.
+    assert f'{method}_eps0.15_seed1/K_01' in trajectories
   section = md[md.index('over seeds'):]
   seed_rows = [line for line in section.splitlines()
-               if re.match(r'\| \d+ \| (cll|gloro) \|', line)]
-  assert len(seed_rows) == 4
+               if re.match(r'\| \d+ \| (cll|gloro|gloro_official) \|', line)]
+  assert len(seed_rows) == 6
   for line, r in zip(seed_rows, comp['runs']):
     cells = [c.strip() for c in line.strip('|').split('|')]
-    assert cells[:2] == [str(r['seed']), r['loss']]
+    assert cells[:2] == [str(r['seed']), r['method']]
     assert cells[2] == f'{100 * r["train_cra"]:.2f}%'
     assert int(cells[3]) == r['num_train'] - r['train_certified_count']
+    assert float(cells[7]) == pytest.approx(r['head_w0_minus_w1'], rel=1e-2)

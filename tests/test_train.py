@@ -13,6 +13,7 @@ from cll_jax import configs
 from cll_jax import models
 from cll_jax import sound_bounds
 from cll_jax import train
+from cll_jax.config_validation import validate_config
 from experiments import cifar10_4c3f
 from experiments import moons_cll
 
@@ -85,6 +86,8 @@ def test_end_to_end_moons_reports_certified_numbers_from_certify_path(tmp_path):
     ('train.on_nonfinite', 'ignore', 'train.on_nonfinite'),
     ('loss.name', 'hinge', 'loss.name'),
     ('eval.bound', 'guess', 'eval.bound'),
+    ('loss.gloro_variant', 'offical', 'loss.gloro_variant'),
+    ('loss.gloro_variant', 'official', 'loss.gloro_variant'),  # with CLL
 ])
 def test_invalid_config_fails_before_training(tmp_path, field, value, message):
   config = tiny_moons_config()
@@ -93,6 +96,72 @@ def test_invalid_config_fails_before_training(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message.replace('.', r'\.')):
     train.train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_gloro_official_variant_in_the_training_loss():
+  """`loss.gloro_variant='official'`: same loss, head gradient changed only.
+
+  The head factor is ||w_0 - w_1|| of the head's class vectors (numpy), its
+  gradient (w_0 - w_1) / d on column 0 and the negative on column 1, and none
+  into the body.
+  """
+  config = tiny_moons_config(loss='gloro')
+  config.model.bound = 'liplt'
+  config.model.activation = 'relu'
+  config.loss.gloro_variant = 'official'
+  with pytest.raises(ValueError, match=r"loss\.gloro_variant.*'naive'"):
+    validate_config(config)
+  config = tiny_moons_config(loss='gloro')
+  model = train.create_model(config, 2)
+  state = train.create_train_state(config, model, jax.random.PRNGKey(0),
+                                   (2,), 4)
+  sched = train.loss_schedules(config, 4)
+  x = jax.random.normal(jax.random.PRNGKey(1), (32, 2))
+  y = jnp.arange(32) % 2
+  official = config.copy_and_resolve_references()
+  official.loss.gloro_variant = 'official'
+
+  @jax.jit
+  def values_and_grads(params):
+    def forward(params):
+      return model.apply({'params': params,
+                          'power_iteration': state.power_iteration}, x)
+
+    def mean_loss(params, c):
+      out = forward(params)
+      return jnp.mean(train.per_example_loss(
+          c, sched, out, y, jnp.asarray(0), jnp.asarray(0))[0])
+
+    def head_factor(params):
+      return train.gloro_head_lipschitz(official.loss, forward(params))
+
+    return (jax.value_and_grad(head_factor)(params),
+            jax.value_and_grad(mean_loss)(params, config),
+            jax.value_and_grad(mean_loss)(params, official))
+
+  (h, h_grad), (loss_f, g_faithful), (loss_o, g_official) = values_and_grads(
+      state.params)
+  assert train.gloro_head_lipschitz(
+      config.loss, model.apply(state.variables, x)) is None
+  head = np.asarray(state.params['head']['kernel'], np.float64)
+  diff = head[:, 0] - head[:, 1]
+  assert float(h) == pytest.approx(np.linalg.norm(diff), rel=1e-5)
+  unit = diff / np.linalg.norm(diff)
+  np.testing.assert_allclose(h_grad['head']['kernel'],
+                             np.stack([unit, -unit], 1), rtol=1e-4,
+                             atol=1e-6)
+  for name in h_grad:
+    if name != 'head':
+      assert np.abs(np.asarray(h_grad[name]['kernel'])).max() < 1e-5, name
+
+  assert float(loss_o) == float(loss_f)
+  assert not np.allclose(g_official['head']['kernel'],
+                         g_faithful['head']['kernel'], rtol=1e-3)
+  for name in g_faithful:
+    if name != 'head':
+      np.testing.assert_allclose(g_official[name]['kernel'],
+                                 g_faithful[name]['kernel'], rtol=1e-4,
+                                 atol=1e-6)
 
 
 def test_missing_data_path_names_the_field(tmp_path):
