@@ -11,6 +11,7 @@ import os
 import jax
 import ml_collections
 
+from cll_jax import layers
 from cll_jax import models
 from cll_jax import objectives
 from cll_jax import steps
@@ -51,6 +52,20 @@ def validate_config(config: ml_collections.ConfigDict,
     _fail('model.bound', m.bound,
           f'LipLT needs an elementwise activation, model.activation is '
           f'{m.activation!r}')
+  if m.get('head', 'dense') not in layers.HEADS:
+    _fail('model.head', m.head, f'known heads: {sorted(layers.HEADS)}')
+  soc = m.get('soc')
+  if soc is not None:
+    for key in ('terms_train', 'terms_eval'):
+      if soc.get(key, 1) < 1:
+        _fail(f'model.soc.{key}', soc[key], 'must be >= 1')
+    if not soc.get('max_norm', 1.0) > 0:
+      _fail('model.soc.max_norm', soc.max_norm, 'must be > 0')
+  if m.get('bound', 'naive') == 'liplt' and not models.is_unconstrained(
+      models.ARCHITECTURES[m.name], m.get('head', 'dense')):
+    _fail('model.bound', m.bound,
+          f'LipLT needs Conv/Dense layers and a dense head; {m.name} with '
+          f'head {m.get("head", "dense")!r} has others')
   if m.num_power_iterations < 0:
     _fail('model.num_power_iterations', m.num_power_iterations, 'must be >= 0')
   if m.get('input_std') is not None and min(m.input_std) <= 0:

@@ -20,7 +20,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = '4c3f'  # A name in cll_jax.models.ARCHITECTURES.
-  c.model.activation = 'minmax'  # 'minmax' (paper) or 'relu' (LipLT paper).
+  # 'minmax' (paper), 'householder' (SOC's HH, learned; MinMax at init) or
+  # 'relu' (LipLT paper).
+  c.model.activation = 'minmax'
   c.model.num_power_iterations = 5  # Power-iteration steps per train step.
   # Training bound: 'naive' (product of layer norms, CLL) or 'liplt'
   # (arXiv 2310.00116; needs an elementwise activation such as relu).
@@ -29,6 +31,14 @@ def default_config() -> ml_collections.ConfigDict:
   # 1/min(std) enters every bound. None: inputs stay in [0, 1] (paper).
   c.model.input_mean = ml_collections.FieldReference(None, field_type=tuple)
   c.model.input_std = ml_collections.FieldReference(None, field_type=tuple)
+  # The head: 'dense' (unconstrained; what CLL uses, also on constrained
+  # bodies) or 'lln' (last-layer normalisation, unit class vectors).
+  c.model.head = 'dense'
+  # SOC layers (lipconv*, soc_mlp*; cll_jax.layers.soc).
+  c.model.soc = ml_collections.ConfigDict()
+  c.model.soc.max_norm = 1.0  # ||A|| after scaling by the norm estimate.
+  c.model.soc.terms_train = 6  # Series terms of exp(A) in training.
+  c.model.soc.terms_eval = 15  # ... in evaluation / certification.
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'cifar10'  # A name in cll_jax.data.DATASETS.

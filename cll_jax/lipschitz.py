@@ -135,7 +135,12 @@ def pairwise_column_distances(kernel: jax.Array) -> jax.Array:
   if kernel.ndim != 2:
     raise ValueError(f'head kernel must be (d, N), got shape {kernel.shape}')
   diff = kernel[:, :, None] - kernel[:, None, :]
-  return safe_norm(jnp.sum(diff * diff, axis=0))
+  distances = safe_norm(jnp.sum(diff * diff, axis=0))
+  # Exact zeros on the diagonal even when XLA computes the two operands of
+  # a column's difference with itself in different fusions (e.g. the
+  # normalised columns of an LLN head), which can leave an ulp.
+  n = kernel.shape[1]
+  return jnp.where(jnp.eye(n, dtype=bool), 0.0, distances)
 
 
 def pairwise_lipschitz(head_kernel: jax.Array,

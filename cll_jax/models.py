@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence, Union
+from typing import Any, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -23,27 +23,42 @@ import jax.numpy as jnp
 
 from cll_jax import layers
 from cll_jax import lipschitz
-from cll_jax.operators import LinearOperator, conv_output_spatial
+from cll_jax.layers import base as layer_base
+from cll_jax.layers.soc import SOCConvSpec, SOCDenseSpec
+from cll_jax.layers.unconstrained import Conv, Dense
+from cll_jax.operators import LinearOperator
+
+LayerSpec = layer_base.LayerSpec
 
 
-@dataclasses.dataclass(frozen=True)
-class Conv:
-  """c(features, kernel_size, stride, padding) of table B2."""
-  features: int
-  kernel_size: int
-  stride: int = 1
-  padding: int = 0
+def lipconv(depth: int, init_channels: int = 32, blocks: int = 5
+            ) -> tuple[layer_base.LayerSpec, ...]:
+  """LipConv-depth of the SOC paper: `blocks` blocks of depth/blocks SOC convs.
+
+  Each block keeps its width and resolution except its last conv, a stride-2
+  SOC conv (invertible downsampling) that doubles the channels (4x from the
+  downsampling, then the first half kept); 3x3 kernels except the very last
+  conv, 1x1 (as the SOC code's LipConvNet). The first conv zero-pads the
+  input channels (RGB) to `init_channels`. On 32x32 inputs the body ends at
+  1x1 with init_channels * 2^blocks channels.
+  """
+  if depth % blocks or depth < blocks:
+    raise ValueError(f'LipConv depth must be a positive multiple of {blocks}, '
+                     f'got {depth}')
+  per_block = depth // blocks
+  specs, channels = [], init_channels
+  for b in range(blocks):
+    for j in range(per_block):
+      if j < per_block - 1:
+        specs.append(SOCConvSpec(channels, 3, 1))
+      else:
+        specs.append(SOCConvSpec(2 * channels, 1 if b == blocks - 1 else 3,
+                                 2))
+    channels *= 2
+  return tuple(specs)
 
 
-@dataclasses.dataclass(frozen=True)
-class Dense:
-  """d(features) of table B2."""
-  features: int
-
-
-LayerSpec = Union[Conv, Dense]
-
-ARCHITECTURES: dict[str, tuple[LayerSpec, ...]] = {
+ARCHITECTURES: dict[str, tuple[layer_base.LayerSpec, ...]] = {
     # Table B1: 2-10-20-40-40-20-10-2 (the head adds the last 2).
     'moons_mlp': tuple(Dense(n) for n in (10, 20, 40, 40, 20, 10)),
     # Table B2.
@@ -57,13 +72,23 @@ ARCHITECTURES: dict[str, tuple[LayerSpec, ...]] = {
              Conv(256, 3, 1, 1), Conv(256, 4, 2, 0), Dense(256)),
     # A small conv net for tests and tiny configs.
     'tiny_cnn': (Conv(8, 3, 1, 1), Conv(8, 4, 2, 1), Dense(32)),
+    # SOC (Singla & Feizi 2021): LipConv-n, and a narrow one for tests.
+    **{f'lipconv{n}': lipconv(n) for n in (5, 10, 15, 20, 25, 30, 35, 40)},
+    'lipconv_tiny': lipconv(5, init_channels=4),
+    # Dense SOC MLPs of CLL fig. D3 (two-moons; width 32, input zero-padded).
+    **{f'soc_mlp{n}': tuple(SOCDenseSpec(32) for _ in range(n))
+       for n in (3, 7, 25)},
 }
 
-# Activations and their slope interval [alpha, beta] (for LipLT).
+# Activations: (function or None for a module with parameters, slope
+# interval [alpha, beta] for LipLT or None when not elementwise).
 ACTIVATIONS = {
-    'minmax': (layers.minmax, None),  # not elementwise: no slope interval
+    'minmax': (layers.minmax, None),
+    'householder': (None, None),  # `layers.Householder`, learned angles
     'relu': (nn.relu, (0.0, 1.0)),
 }
+# Per-layer options of the SOC families (dataclass fields of their specs).
+SOC_OPTIONS = ('max_norm', 'terms_train', 'terms_eval')
 
 
 @flax.struct.dataclass
@@ -87,32 +112,49 @@ class NetworkOutput:
 class LipschitzNetwork(nn.Module):
   """A feed-forward Lipschitz network built from layer specs.
 
+  Every layer follows the contract of `cll_jax.layers.base`: it returns its
+  output and the value of its Lipschitz constant the training loss uses
+  (`layer_norms`), and its spec computes the proven bound certificates use
+  (`certified_bounds`).
+
   Attributes:
     architecture: the hidden layers (the head is appended).
     num_classes: outputs of the head.
-    activation: 'minmax' or 'relu'.
+    activation: 'minmax', 'householder' or 'relu', after every hidden layer.
+    head: 'dense' (unconstrained) or 'lln' (last-layer normalisation).
     input_mean, input_std: optional per-channel normalisation applied first;
       its Lipschitz factor 1 / min(std) enters every bound.
     num_power_iterations: power-iteration steps per training step.
+    bound: the training bound, 'naive' (product) or 'liplt'.
   """
-  architecture: tuple[LayerSpec, ...]
+  architecture: tuple[layer_base.LayerSpec, ...]
   num_classes: int
   activation: str = 'minmax'
   input_mean: tuple[float, ...] | None = None
   input_std: tuple[float, ...] | None = None
   num_power_iterations: int = 5
   bound: str = 'naive'
+  head: str = 'dense'
 
   @property
   def input_scale(self) -> float:
     return 1.0 if self.input_std is None else 1.0 / min(self.input_std)
+
+  @property
+  def head_spec(self) -> layers.DenseHead:
+    return layers.HEADS[self.head]
+
+  def _activation(self, index: int):
+    fn, _ = ACTIVATIONS[self.activation]
+    if fn is None:
+      return layers.Householder(name=f'activation_{index}')
+    return fn
 
   @nn.compact
   def __call__(self, x: jax.Array) -> NetworkOutput:
     if self.activation not in ACTIVATIONS:
       raise ValueError(f'unknown activation {self.activation!r}; known: '
                        f'{sorted(ACTIVATIONS)}')
-    act, _ = ACTIVATIONS[self.activation]
     if not jnp.issubdtype(x.dtype, jnp.floating):
       # uint8 images would run through the network as values up to 255 and
       # give meaningless logits; training feeds floats in [0, 1].
@@ -127,24 +169,15 @@ class LipschitzNetwork(nn.Module):
     norms = []
     modules = []
     for i, spec in enumerate(self.architecture):
-      if isinstance(spec, Conv):
-        module = layers.LipschitzConv(
-            spec.features, spec.kernel_size, spec.stride, spec.padding,
-            num_power_iterations=self.num_power_iterations,
-            name=f'layer_{i}')
-      else:
+      if spec.flattens:
         x = x.reshape(x.shape[0], -1)  # flatten: an isometry
-        module = layers.LipschitzDense(
-            spec.features, num_power_iterations=self.num_power_iterations,
-            name=f'layer_{i}')
+      module = spec.module(f'layer_{i}', self.num_power_iterations)
       x, sigma = module(x)
       modules.append(module)
       norms.append(sigma)
-      x = act(x)
+      x = self._activation(i)(x)
     x = x.reshape(x.shape[0], -1)
-    head = layers.LipschitzDense(
-        self.num_classes, num_power_iterations=self.num_power_iterations,
-        name='head')
+    head = self.head_spec.module(self.num_classes, self.num_power_iterations)
     logits, head_norm = head(x)
     modules.append(head)
     norms = jnp.stack(norms + [head_norm])
@@ -155,11 +188,11 @@ class LipschitzNetwork(nn.Module):
     if self.bound != 'naive':
       raise ValueError(f"bound must be 'naive' or 'liplt', got {self.bound!r}")
     prefix = self.input_scale * jnp.prod(norms[:-1])
-    head_kernel = head.variables['params']['kernel']
     return NetworkOutput(
         logits=logits,
         layer_norms=norms,
-        pairwise_lipschitz=lipschitz.pairwise_lipschitz(head_kernel, prefix),
+        pairwise_lipschitz=self.head_spec.pairwise(
+            head.variables['params']) * prefix,
         lipschitz=prefix * head_norm)
 
   def _liplt(self, modules, head_input_shape):
@@ -201,12 +234,31 @@ MODELS = tuple(ARCHITECTURES)
 BOUNDS = ('naive', 'liplt')
 
 
+def is_unconstrained(architecture, head: str = 'dense') -> bool:
+  """Only `Conv`/`Dense` layers and a dense head: LinearOperators exist."""
+  return head == 'dense' and all(isinstance(s, (Conv, Dense))
+                                 for s in architecture)
+
+
 def create_model(name: str, num_classes: int, *, activation: str = 'minmax',
                  input_mean: Sequence[float] | None = None,
                  input_std: Sequence[float] | None = None,
                  num_power_iterations: int = 5,
-                 bound: str = 'naive') -> LipschitzNetwork:
-  """Builds a registered architecture; unknown names raise ValueError."""
+                 bound: str = 'naive', head: str = 'dense',
+                 soc: dict[str, Any] | None = None) -> LipschitzNetwork:
+  """Builds a registered architecture; bad arguments raise ValueError.
+
+  Args:
+    name: a key of `ARCHITECTURES`.
+    num_classes: outputs of the head, >= 2.
+    activation: a key of `ACTIVATIONS`.
+    input_mean, input_std: optional per-channel normalisation (std > 0).
+    num_power_iterations: power-iteration steps per training step.
+    bound: the training bound, a member of `BOUNDS`.
+    head: 'dense' or 'lln' (`cll_jax.layers.HEADS`).
+    soc: options of the SOC layers (`SOC_OPTIONS`: max_norm, terms_train,
+      terms_eval); None keeps the specs' defaults.
+  """
   if name not in ARCHITECTURES:
     raise ValueError(f'unknown model {name!r}; known models: {sorted(MODELS)}')
   if activation not in ACTIVATIONS:
@@ -214,56 +266,122 @@ def create_model(name: str, num_classes: int, *, activation: str = 'minmax',
                      f'{sorted(ACTIVATIONS)}')
   if num_classes < 2:
     raise ValueError(f'num_classes must be >= 2, got {num_classes}')
-  if input_std is not None and min(input_std) <= 0:
+  if input_std is not None and not min(input_std) > 0:
     raise ValueError(f'input_std must be > 0, got {tuple(input_std)}')
   if num_power_iterations < 0:
     raise ValueError(
         f'num_power_iterations must be >= 0, got {num_power_iterations}')
   if bound not in BOUNDS:
     raise ValueError(f'unknown bound {bound!r}; known: {BOUNDS}')
-  if bound == 'liplt' and ACTIVATIONS[activation][1] is None:
-    raise ValueError(
-        f'the LipLT bound needs an elementwise slope-restricted activation, '
-        f'not {activation!r}')
-  if activation == 'minmax':
-    for spec in ARCHITECTURES[name]:
+  if head not in layers.HEADS:
+    raise ValueError(f'unknown head {head!r}; known: {sorted(layers.HEADS)}')
+  architecture = ARCHITECTURES[name]
+  if soc:
+    unknown = sorted(set(soc) - set(SOC_OPTIONS))
+    if unknown:
+      raise ValueError(f'unknown SOC options {unknown}; known: {SOC_OPTIONS}')
+    architecture = tuple(
+        dataclasses.replace(spec, **soc)
+        if isinstance(spec, (SOCConvSpec, SOCDenseSpec)) else spec
+        for spec in architecture)
+  if bound == 'liplt':
+    if ACTIVATIONS[activation][1] is None:
+      raise ValueError(
+          f'the LipLT bound needs an elementwise slope-restricted activation, '
+          f'not {activation!r}')
+    if not is_unconstrained(architecture, head):
+      raise ValueError(
+          f'the LipLT bound needs Conv/Dense layers and a dense head; {name} '
+          f'with head {head!r} has others')
+  if activation in ('minmax', 'householder'):
+    for spec in architecture:
       if spec.features % 2:
-        raise ValueError(f'MinMax needs even widths; {name} has {spec}')
+        raise ValueError(f'{activation} needs even widths; {name} has {spec}')
   return LipschitzNetwork(
-      architecture=ARCHITECTURES[name], num_classes=num_classes,
+      architecture=architecture, num_classes=num_classes,
       activation=activation,
       input_mean=None if input_mean is None else tuple(input_mean),
       input_std=None if input_std is None else tuple(input_std),
-      num_power_iterations=num_power_iterations, bound=bound)
+      num_power_iterations=num_power_iterations, bound=bound, head=head)
 
 
 def layer_names(model: LipschitzNetwork) -> list[str]:
   return [f'layer_{i}' for i in range(len(model.architecture))] + ['head']
 
 
+def layer_input_shapes(model: LipschitzNetwork, input_shape: Sequence[int]
+                       ) -> list[tuple[int, ...]]:
+  """The shape of one input example of every layer, head last."""
+  shape, shapes = tuple(input_shape), []
+  for spec in model.architecture:
+    if spec.flattens:
+      shape = (math.prod(shape),)
+    shapes.append(shape)
+    shape = spec.output_shape(shape)
+  return shapes + [(math.prod(shape),)]
+
+
 def network_operators(model: LipschitzNetwork, params,
                       input_shape: Sequence[int]) -> list[LinearOperator]:
   """The linear operator of every layer, in order, head last.
+
+  Only for unconstrained networks (`Conv`/`Dense` layers, dense head): other
+  layer families are not linear maps of one kernel.
 
   Args:
     model: the network.
     params: its 'params' collection.
     input_shape: shape of one input example, e.g. (32, 32, 3) or (2,).
   """
-  shape = tuple(input_shape)
-  ops = []
-  for name, spec in zip(layer_names(model),
-                        model.architecture + (Dense(model.num_classes),)):
-    kernel = params[name]['kernel']
-    if isinstance(spec, Conv):
-      pad = (spec.padding, spec.padding)
-      op = LinearOperator(kernel, 'conv', shape, (spec.stride, spec.stride),
-                          (pad, pad))
-    else:
-      op = LinearOperator(kernel, 'dense', (math.prod(shape),))
-    ops.append(op)
-    shape = op.output_shape
-  return ops
+  if not is_unconstrained(model.architecture, model.head):
+    raise ValueError(
+        'network_operators needs Conv/Dense layers and a dense head; this '
+        'network has constrained layers (use certified_bounds)')
+  shapes = layer_input_shapes(model, input_shape)
+  ops = [spec.operator(params[name], shape) for name, spec, shape in
+         zip(layer_names(model), model.architecture, shapes)]
+  return ops + [model.head_spec.operator(params['head'])]
+
+
+def certified_bounds(model: LipschitzNetwork, variables,
+                     input_shape: Sequence[int]) -> dict[str, jax.Array]:
+  """Proven bounds of every layer and the pairwise certificate bounds.
+
+  Each hidden layer's spec gives its proven bound (`certified_bound`: a
+  sound operator-norm bound for estimated layers, the construction's bound
+  for proven ones); the activations and reshapes are 1-Lipschitz; the head
+  contributes its exact pairwise factor, rounded up. So
+
+      K_ij = ||w_i - w_j|| * input_scale * prod_l b_l
+
+  bounds the Lipschitz constant of f_i - f_j of the eval-mode network.
+
+  Returns:
+    {'pairwise': (N, N) K_ij, 'layer_norms': (L + 1,) the hidden layers'
+    bounds and the head's sound global norm, 'lipschitz': the global bound}.
+  """
+  from cll_jax import sound_bounds  # pylint: disable=g-import-not-at-top
+  params = variables['params']
+  state = variables.get(layers.POWER_ITERATION, {})
+  bounds = []
+  for name, spec, shape in zip(layer_names(model), model.architecture,
+                               layer_input_shapes(model, input_shape)):
+    bounds.append(spec.certified_bound(
+        {'params': params[name], layers.POWER_ITERATION: state.get(name, {})},
+        shape))
+  allowance = 1.0 + sound_bounds.DEFAULT_RELATIVE_FLOAT_ALLOWANCE
+  head_params = params['head']
+  head_norm = sound_bounds.operator_norm_upper_bound(
+      model.head_spec.operator(head_params)) * allowance
+  # One more allowance for the rounding of the product and of the head's
+  # column differences (as `sound_bounds.network_upper_bound`).
+  prefix = (model.input_scale * jnp.prod(jnp.stack(bounds)) * allowance
+            if bounds else jnp.asarray(model.input_scale * allowance))
+  return {
+      'pairwise': model.head_spec.pairwise(head_params) * prefix,
+      'layer_norms': jnp.stack(bounds + [head_norm]),
+      'lipschitz': prefix * head_norm,
+  }
 
 
 def converge_power_iteration(model: LipschitzNetwork, variables,
@@ -275,17 +393,22 @@ def converge_power_iteration(model: LipschitzNetwork, variables,
     The new `power_iteration` collection; combine it with the params for
     evaluation, where it stays frozen.
   """
-  ops = network_operators(model, variables['params'], input_shape)
+  params = variables['params']
   state = variables[layers.POWER_ITERATION]
+  specs = list(model.architecture) + [model.head_spec]
   new_state = {}
-  for name, op in zip(layer_names(model), ops):
-    u, _ = lipschitz.converge_power_iteration(
-        op, state[name]['u'], tol=tol, max_iterations=max_iterations)
-    new_state[name] = {'u': u}
+  for name, spec, shape in zip(layer_names(model), specs,
+                               layer_input_shapes(model, input_shape)):
+    ops = spec.power_iteration_operators(params[name], shape)
+    new_state[name] = {
+        var: lipschitz.converge_power_iteration(
+            op, state[name][var], tol=tol, max_iterations=max_iterations)[0]
+        for var, op in ops.items()}
   if 'liplt_products' in state:
     from cll_jax import liplt  # pylint: disable=g-import-not-at-top
     _, new_state['liplt_products'] = liplt.converge_product_norms(
-        ops, state['liplt_products'], tol=tol, max_iterations=max_iterations)
+        network_operators(model, params, input_shape),
+        state['liplt_products'], tol=tol, max_iterations=max_iterations)
   return new_state
 
 
@@ -295,8 +418,4 @@ def activation_slopes(model: LipschitzNetwork) -> tuple[float, float] | None:
 
 
 def conv_output_shape(spec: Conv, shape: Sequence[int]) -> tuple[int, ...]:
-  h, w, _ = shape
-  pad = (spec.padding, spec.padding)
-  return (conv_output_spatial(h, spec.kernel_size, spec.stride, pad),
-          conv_output_spatial(w, spec.kernel_size, spec.stride, pad),
-          spec.features)
+  return spec.output_shape(shape)

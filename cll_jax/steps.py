@@ -69,10 +69,12 @@ class TrainState(flax_train_state.TrainState):
 def create_model(config: ml_collections.ConfigDict,
                  num_classes: int) -> models.LipschitzNetwork:
   m = config.model
+  soc = m.get('soc')
   return models.create_model(
       m.name, num_classes, activation=m.activation,
       input_mean=m.get('input_mean'), input_std=m.get('input_std'),
-      num_power_iterations=m.num_power_iterations, bound=m.bound)
+      num_power_iterations=m.num_power_iterations, bound=m.bound,
+      head=m.get('head', 'dense'), soc=None if soc is None else soc.to_dict())
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -242,31 +244,18 @@ def certification_bounds(state: TrainState | dict[str, Any],
   `state` is a `TrainState` or the network's variables
   (`{'params', 'power_iteration'}`).
 
-  'sound': guaranteed upper bounds of every layer (Gram iteration, with a
-  float-error allowance; `cll_jax.sound_bounds`), multiplied as the naive
+  'sound': every layer's proven bound (`models.certified_bounds`: Gram
+  iteration for unconstrained layers, the construction's bound for
+  constrained ones, with float-rounding allowances), multiplied as the naive
   product bound. 'power': the model's own bound (naive product or LipLT)
   from the converged power-iteration state, as in the papers; each norm is
   then an estimate from below, so the certificate is not guaranteed.
   """
-  from cll_jax import lipschitz  # pylint: disable=g-import-not-at-top
   variables = getattr(state, 'variables', state)
-  ops = models.network_operators(model, variables['params'], input_shape)
   if method == 'sound':
-    from cll_jax import sound_bounds  # pylint: disable=g-import-not-at-top
-    norms = jnp.stack([sound_bounds.operator_norm_upper_bound(op)
-                       for op in ops])
-    # Float32 rounding allowance per layer (the head's column differences
-    # included), as in `sound_bounds.network_upper_bound`.
-    rounding = (1.0 + sound_bounds.DEFAULT_RELATIVE_FLOAT_ALLOWANCE) ** len(ops)
-  elif method == 'power':
+    return models.certified_bounds(model, variables, input_shape)
+  if method == 'power':
     out = model.apply(variables, jnp.zeros((1, *input_shape), jnp.float32))
     return {'pairwise': out.pairwise_lipschitz,
             'layer_norms': out.layer_norms, 'lipschitz': out.lipschitz}
-  else:
-    raise ValueError(f"bound method must be 'sound' or 'power', got {method!r}")
-  prefix = model.input_scale * jnp.prod(norms[:-1]) * rounding
-  return {
-      'pairwise': lipschitz.pairwise_lipschitz(ops[-1].kernel, prefix),
-      'layer_norms': norms,
-      'lipschitz': prefix * norms[-1],
-  }
+  raise ValueError(f"bound method must be 'sound' or 'power', got {method!r}")
