@@ -1,27 +1,32 @@
-r"""Certified quality on real data: CLL vs GloRo, 4C3F, offline CIFAR-10.
+r"""Certified quality on real data, side by side, on offline CIFAR-10.
 
-Trains `experiments/cifar10_4c3f.py:data=offline` (CLL) and
-`experiments/cifar10_4c3f_gloro.py:data=offline` (GloRo), both with the
-paper's eps = 0.15 (and p = 0.15 for CLL), through
-`cll_jax.train.train_and_evaluate`, then reports clean accuracy, certified
-robust accuracy (CRA) at L2 radii 36/255, 72/255, 108/255 and 255/255, the
-bound K^(f) = max_ij K_ij (sound bounds, `config.eval.bound`), K^(h o f) and
-the tightness K_lobo / K^(f) (CLL supplement C,
-`cll_jax.attacks.empirical_lipschitz_lower_bound`).
+Comparisons (`--comparison`), each two losses on the same network and
+schedule, through `cll_jax.train.train_and_evaluate`:
 
-  # The paper's schedule (800 epochs; for a GPU): the configs unchanged.
-  python -m benchmarks.quality
+* `4c3f`: CLL (`experiments/cifar10_4c3f.py`, eps 0.15, p 0.15) vs GloRo
+  (`experiments/cifar10_4c3f_gloro.py`), the paper's table 2 rows;
+* `lipconv20`: CLL vs SOC's loss on LipConv-20
+  (`experiments/cifar10_lipconv20.py:loss=cll|soc`), table 2's SOC rows.
+
+Reported: clean accuracy, certified robust accuracy (CRA) at L2 radii
+36/255, 72/255, 108/255 and 255/255, the bound K^(f) = max_ij K_ij (sound
+bounds, `config.eval.bound`), K^(h o f) and the tightness K_lobo / K^(f)
+(CLL supplement C, `cll_jax.attacks.empirical_lipschitz_lower_bound`).
+
+  # The paper's schedule (800 / 200 epochs; for a GPU): the configs as they are.
+  python -m benchmarks.quality [--comparison lipconv20]
   # A short schedule: E epochs, learning-rate decays and GloRo's eps ramp
-  # scaled by E / 800.
+  # scaled by E / (the config's epochs).
   python -m benchmarks.quality --epochs 20
-  # Smoke test: tiny_cnn on 256 images, 1 epoch.
+  # Smoke test: a tiny network on 256 images, 1 epoch.
   python -m benchmarks.quality --tiny
 
 Tightness defaults to the paper's 4000 pairs x 1000 Adam steps; lower them
 with --tightness-pairs / --tightness-steps on a CPU. A rerun with the same
 --workdir resumes training from its checkpoints. The table is printed; full
-(non-tiny) runs also write results/quality/quality_results.json, which
-`python -m benchmarks.run` puts into benchmarks/RESULTS.md.
+(non-tiny) runs also write results/quality/<comparison>_results.json (the
+4c3f one as quality_results.json), which `python -m benchmarks.run` puts
+into benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -41,30 +46,47 @@ from cll_jax import configs
 from cll_jax import train
 from experiments import cifar10_4c3f
 from experiments import cifar10_4c3f_gloro
+from experiments import cifar10_lipconv20
 
-METHODS = {'cll': cifar10_4c3f, 'gloro': cifar10_4c3f_gloro}
+# comparison -> method -> (config module, config argument, tiny model).
+COMPARISONS = {
+    '4c3f': {'cll': (cifar10_4c3f, '', 'tiny_cnn'),
+             'gloro': (cifar10_4c3f_gloro, '', 'tiny_cnn')},
+    'lipconv20': {'cll': (cifar10_lipconv20, 'loss=cll', 'lipconv_tiny'),
+                  'soc': (cifar10_lipconv20, 'loss=soc', 'lipconv_tiny')},
+}
+METHODS = COMPARISONS['4c3f']
 RADII = configs.DEFAULT_RADII + (1.0,)  # 36, 72, 108 and 255 / 255.
 PAPER_EPOCHS = 800
 RESULTS_JSON = 'quality_results.json'
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'results', 'quality')
 # Where full (non-tiny) runs leave their rows for `benchmarks.run`.
-REPO_RESULTS = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'results', 'quality', RESULTS_JSON)
+REPO_RESULTS = os.path.join(RESULTS_DIR, RESULTS_JSON)
 
 
-def make_config(method: str, epochs: int | None, tiny: bool):
+def results_name(comparison: str) -> str:
+  return RESULTS_JSON if comparison == '4c3f' else (
+      f'{comparison}_results.json')
+
+
+def make_config(method: str, epochs: int | None, tiny: bool,
+                comparison: str = '4c3f'):
   """The method's offline config, optionally on a shortened schedule."""
-  config = METHODS[method].get_config('data=offline' + (',tiny' if tiny
-                                                         else ''))
+  module, arg, tiny_model = COMPARISONS[comparison][method]
+  config = module.get_config(','.join(filter(None, (
+      'data=offline', arg, 'tiny' if tiny else None))))
   config.eval.radii = RADII
   config.train.progress_bar = False
   if tiny:
-    config.model.name = 'tiny_cnn'
+    config.model.name = tiny_model
     config.train.num_epochs = 1
     config.train.eval_every_epochs = 1
     config.data.num_train_examples = 256
     config.data.num_test_examples = 96
-    config.eval.batch_size = 48  # a multiple of 8 (test suite: 8 devices)
+    config.eval.batch_size = 48
     config.train.batch_size = 32
+    config.optimizer.decay_epochs = ()
     config.loss.epsilon_schedule_epochs = 1
     config.data.augment.enabled = False
     return config
@@ -112,16 +134,18 @@ def tightness(config, workdir: str, upper: float, pairs: int, steps: int,
 
 
 def run_method(method: str, workdir: str, epochs: int | None, tiny: bool,
-               tightness_pairs: int, tightness_steps: int) -> dict:
-  config = make_config(method, epochs, tiny)
+               tightness_pairs: int, tightness_steps: int,
+               comparison: str = '4c3f') -> dict:
+  config = make_config(method, epochs, tiny, comparison)
   start = time.time()
   final = train.train_and_evaluate(config, os.path.join(workdir, method))
   seconds = time.time() - start
-  row = {'benchmark': 'quality', 'method': method,
+  row = {'benchmark': 'quality', 'comparison': comparison, 'method': method,
          'model': config.model.name, 'epochs': config.train.num_epochs,
          'train_examples': config.data.get('num_train_examples') or 50000,
          'epsilon': config.loss.epsilon,
          'p': config.loss.p_end if method == 'cll' else None,
+         'loss': config.loss.name,
          'bound': config.eval.bound,
          'clean_accuracy': final['test_accuracy'],
          'lipschitz_f': final['lipschitz_f'],
@@ -138,18 +162,24 @@ def run_method(method: str, workdir: str, epochs: int | None, tiny: bool,
 
 def run(tiny: bool = False, epochs: int | None = None,
         workdir: str = '/tmp/cll_jax_quality', tightness_pairs: int = 4000,
-        tightness_steps: int = 1000, methods=tuple(METHODS),
-        verbose: bool = True) -> list[dict]:
+        tightness_steps: int = 1000, methods=None,
+        verbose: bool = True, comparison: str = '4c3f') -> list[dict]:
   """Trains and evaluates every method; returns one row per method."""
+  if comparison not in COMPARISONS:
+    raise ValueError(f'comparison must be one of {sorted(COMPARISONS)}, got '
+                     f'{comparison!r}')
+  methods = tuple(methods or COMPARISONS[comparison])
   if tiny:
     tightness_pairs, tightness_steps = min(tightness_pairs, 4), min(
         tightness_steps, 2)
+  if comparison != '4c3f':
+    workdir = os.path.join(workdir, comparison)
   rows = [run_method(m, workdir, epochs, tiny, tightness_pairs,
-                     tightness_steps) for m in methods]
+                     tightness_steps, comparison) for m in methods]
   os.makedirs(workdir, exist_ok=True)
-  paths = [os.path.join(workdir, RESULTS_JSON)]
+  paths = [os.path.join(workdir, results_name(comparison))]
   if not tiny:
-    paths.append(REPO_RESULTS)
+    paths.append(os.path.join(RESULTS_DIR, results_name(comparison)))
   for path in paths:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'w') as f:
@@ -184,12 +214,16 @@ def main() -> None:
   parser.add_argument('--workdir', default='/tmp/cll_jax_quality')
   parser.add_argument('--tightness-pairs', type=int, default=4000)
   parser.add_argument('--tightness-steps', type=int, default=1000)
-  parser.add_argument('--methods', default=','.join(METHODS))
+  parser.add_argument('--comparison', default='4c3f',
+                      choices=sorted(COMPARISONS))
+  parser.add_argument('--methods', default=None,
+                      help='comma-separated subset (default: all)')
   args = parser.parse_args()
   run(tiny=args.tiny, epochs=args.epochs, workdir=args.workdir,
       tightness_pairs=args.tightness_pairs,
       tightness_steps=args.tightness_steps,
-      methods=tuple(args.methods.split(',')))
+      methods=args.methods.split(',') if args.methods else None,
+      comparison=args.comparison)
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@
 Sections: the 4C3F training step (and the share of the Lipschitz bound),
 certification throughput, tightness-estimation time, data parallelism on
 1 vs 8 fake devices, the sound-bound benchmark (`benchmarks.sound_bounds`),
+constrained networks' training steps beside 4C3F (`benchmarks.constrained`),
 the two-moons study's wall time (`results/moons/moons_results.json`) and
 certified quality on offline CIFAR-10 (`results/quality/quality_results.json`,
 written by `python -m benchmarks.quality`, which is not run here because it
@@ -25,6 +26,7 @@ import traceback
 
 from benchmarks import REPO, git_commit, load_average, machine_info
 from benchmarks import certification
+from benchmarks import constrained
 from benchmarks import conv_grads
 from benchmarks import data_parallel
 from benchmarks import liplt as liplt_benchmark
@@ -247,6 +249,61 @@ def _walk(obj, prefix=''):
     yield prefix, obj
 
 
+def _section_constrained(rows) -> list[str]:
+  out = ['## 5b. Constrained networks: training step beside 4C3F', '',
+         '`cll_jax.train.train_step` (CLL loss, no augmentation) on CIFAR-10 '
+         'shapes, batch 128, jitted with the state donated; peak memory is '
+         'XLA\'s accounting of the compiled step (arguments + outputs + '
+         'temporaries). LipConv-n: SOC convs with 6 series terms in '
+         'training (each conv layer applies its 3x3 conv 5 times forward), '
+         'Householder activations, dense head.', '',
+         '| network | layers | parameters | median ms | min ms | cpu ms | '
+         'x 4C3F | peak MiB | compile s |', '|---|---|---|---|---|---|---|---|---|']
+  base = next((r['median_ms'] for r in rows if r['network'] == '4c3f'), None)
+  for r in rows:
+    ratio = r['median_ms'] / base if base else None
+    peak = r.get('memory_peak_bytes')
+    out.append(
+        f"| {r['network']} | {r['layers']} | {r['parameters']:,} | "
+        f"{_fmt(r['median_ms'])} | {_fmt(r['min_ms'])} | {_fmt(r['cpu_ms'])} "
+        f"| {_fmt(ratio, 2)} | {_fmt(peak / 2**20 if peak else None)} | "
+        f"{_fmt(r['compile_s'])} |")
+  return out
+
+
+def _quality_rows(comparison: str):
+  path = os.path.join(quality.RESULTS_DIR, quality.results_name(comparison))
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _section_quality_lipconv() -> list[str]:
+  out = ['## 7b. Certified quality, offline CIFAR-10, LipConv-20: CLL vs SOC',
+         '']
+  rows = _quality_rows('lipconv20')
+  if rows is None:
+    return out + ['Not run yet. `python -m benchmarks.quality --comparison '
+                  'lipconv20 --epochs E` trains both on the offline copy '
+                  '(decays scaled by E/200).']
+  by = {r['method']: r for r in rows}
+  if 'cll' in by and 'soc' in by:
+    gain = 100 * (by['cll']['cra_36'] - by['soc']['cra_36'])
+    out += [f"CLL - SOC at 36/255: {gain:+.1f} points after "
+            f"{by['cll']['epochs']} epochs (paper, 200 epochs on the original "
+            'CIFAR-10: +1.6).', '']
+  r0 = rows[0]
+  command = (f"python -m benchmarks.quality --comparison lipconv20 "
+             f"--epochs {r0['epochs']}")
+  if 'tightness_pairs' in r0:
+    command += (f" --tightness-pairs {r0['tightness_pairs']} "
+                f"--tightness-steps {r0['tightness_steps']}")
+  return out + [f'Command: `{command}`; {r0["train_examples"]} training '
+                'images, bound `' + r0['bound'] + '` (SOC layers: proven).',
+                '', quality.markdown_table(rows)]
+
+
 def _section_quality() -> list[str]:
   out = ['## 7. Certified quality, offline CIFAR-10, 4C3F: CLL vs GloRo', '']
   if not os.path.exists(quality.REPO_RESULTS):
@@ -352,6 +409,8 @@ def run(tiny: bool = False, repeats: int | None = None,
         tiny=tiny, repeats=3, verbose=False))
     if sound is None and 'sound_bounds' not in skip:
       sound = 'see errors'
+  constrained_rows = measure('constrained', lambda: constrained.run(
+      tiny=tiny, repeats=max(repeats // 2, 2), verbose=False))
   lipschitz_lt = measure('liplt', lambda: liplt_benchmark.run(
       tiny=tiny, train_steps=2 if tiny else 0, verbose=False,
       models_to_run=None if tiny else ('4c3f', '6c2f')))
@@ -389,10 +448,13 @@ def run(tiny: bool = False, repeats: int | None = None,
     sections += _section_data_parallel(dp) + ['']
   if 'sound_bounds' not in skip:
     sections += _section_sound_bounds(sound) + ['']
+  if constrained_rows:
+    sections += _section_constrained(constrained_rows) + ['']
   if lipschitz_lt:
     sections += [liplt_benchmark.format_markdown(lipschitz_lt), '']
   sections += _section_moons() + ['']
   sections += _section_quality() + ['']
+  sections += _section_quality_lipconv() + ['']
   if errors:
     sections += ['## Errors', ''] + [f'```\n{e}\n```' for e in errors]
   text = '\n'.join(head + sections)

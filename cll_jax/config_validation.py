@@ -121,6 +121,12 @@ def validate_config(config: ml_collections.ConfigDict,
       _fail('loss.crm_temperature', l.crm_temperature, 'must be > 0')
     if l.crm_lambda < 0:
       _fail('loss.crm_lambda', l.crm_lambda, 'must be >= 0')
+  if not l.get('soc_gamma', 0.0) >= 0:
+    _fail('loss.soc_gamma', l.soc_gamma, 'must be >= 0')
+  if o.get('name', 'adam') not in steps.OPTIMIZERS:
+    _fail('optimizer.name', o.name, f'known: {steps.OPTIMIZERS}')
+  if o.get('weight_decay', 0.0) < 0:
+    _fail('optimizer.weight_decay', o.weight_decay, 'must be >= 0')
   if not o.learning_rate > 0:
     _fail('optimizer.learning_rate', o.learning_rate, 'must be > 0')
   if t.num_epochs < 1:

@@ -52,6 +52,8 @@ class LossSchedules:
   lipschitz_scale: Any = flax.struct.field(pytree_node=False)
   epsilon: Any = flax.struct.field(pytree_node=False)
   trades_beta: Any = flax.struct.field(pytree_node=False)
+  # Constants that sweeps may vary between runs (`cll_jax.sweep`).
+  soc_gamma: Any = flax.struct.field(pytree_node=False)
 
 
 def loss_schedules(config, steps_per_epoch: int) -> LossSchedules:
@@ -71,7 +73,8 @@ def loss_schedules(config, steps_per_epoch: int) -> LossSchedules:
           * steps_per_epoch),
       trades_beta=schedules.linear(
           loss.trades_beta_start, loss.trades_beta_end,
-          loss.trades_beta_epochs * steps_per_epoch))
+          loss.trades_beta_epochs * steps_per_epoch),
+      soc_gamma=optax.constant_schedule(loss.get('soc_gamma', 0.0)))
 
 
 def training_pairwise(cfg, sched: LossSchedules, out, step,
@@ -159,6 +162,18 @@ def _crm(cfg, sched, out, labels, step, epoch):
   # Plain cross-entropy for the first epochs (arXiv 2310.00116).
   values = jnp.where(epoch < cfg.crm_warmup_epochs, plain, robust)
   return values, {'epsilon': sched.epsilon(step)}
+
+
+@register('soc')
+def _soc(cfg, sched, out, labels, step, epoch):
+  # SOC's loss: cross-entropy minus gamma times the certified radius of
+  # correct examples (Singla et al. 2022), with the network's K.
+  del epoch
+  pairwise = training_pairwise(cfg, sched, out, step)
+  gamma = sched.soc_gamma(step)
+  return (losses.certificate_regularized_loss(out.logits, labels, pairwise,
+                                              gamma),
+          {'epsilon': sched.epsilon(step), 'soc_gamma': gamma})
 
 
 @register('ce')

@@ -83,6 +83,37 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
                                  o.decay_epochs, o.decay_factor)
 
 
+OPTIMIZERS = ('adam', 'sgd')
+
+
+def _decay_mask(params):
+  # Weight decay on kernels only, not on biases or activation angles.
+  return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+
+
+def make_optimizer(config, steps_per_epoch: int
+                   ) -> optax.GradientTransformation:
+  """The configured optimizer with its learning-rate schedule.
+
+  'adam' (the CLL paper; AdamW when `weight_decay` > 0) or 'sgd' with
+  `momentum` (the SOC paper's recipe); weight decay acts on kernels only.
+  """
+  o = config.optimizer
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  decay = o.get('weight_decay', 0.0)
+  name = o.get('name', 'adam')
+  if name == 'adam':
+    if decay:
+      return optax.adamw(schedule, weight_decay=decay, mask=_decay_mask)
+    return optax.adam(schedule)
+  if name == 'sgd':
+    chain = [optax.add_decayed_weights(decay, mask=_decay_mask)] if decay else []
+    return optax.chain(*chain, optax.sgd(schedule, momentum=o.get(
+        'momentum', 0.9) or None, nesterov=o.get('nesterov', False)))
+  raise ValueError(f'optimizer.name must be one of {OPTIMIZERS}, got '
+                   f'{name!r}')
+
+
 @functools.lru_cache(maxsize=32)
 def _jitted_init(model: models.LipschitzNetwork,
                  input_shape: tuple[int, ...]):
@@ -101,11 +132,7 @@ def create_train_state(config: ml_collections.ConfigDict,
                        steps_per_epoch: int) -> TrainState:
   """Initialises parameters, power-iteration vectors and the optimizer."""
   variables = _jitted_init(model, tuple(input_shape))(rng)
-  schedule = learning_rate_schedule(config, steps_per_epoch)
-  if config.optimizer.get('weight_decay', 0.0):
-    tx = optax.adamw(schedule, weight_decay=config.optimizer.weight_decay)
-  else:
-    tx = optax.adam(schedule)
+  tx = make_optimizer(config, steps_per_epoch)
   return TrainState.create(
       apply_fn=model.apply, params=variables['params'], tx=tx,
       power_iteration=variables[layers.POWER_ITERATION],

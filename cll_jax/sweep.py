@@ -29,6 +29,7 @@ module does not report it (evaluate with `certify` instead).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any, Callable, Sequence
@@ -44,7 +45,7 @@ from cll_jax import train
 
 # Config fields (dotted paths) in which the runs of one sweep may differ.
 SWEEP_FIELDS = ('loss.epsilon', 'loss.p_start', 'loss.p_end', 'loss.p_gamma',
-                'eval.radii', 'seed', 'data.kwargs.seed')
+                'loss.soc_gamma', 'eval.radii', 'seed', 'data.kwargs.seed')
 
 
 def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
@@ -97,9 +98,9 @@ def stacked_schedules(configs: Sequence[ml_collections.ConfigDict],
       return values[run_index]
     return schedule
 
-  return train.LossSchedules(
-      slack=pick('slack'), lipschitz_scale=pick('lipschitz_scale'),
-      epsilon=pick('epsilon'), trades_beta=pick('trades_beta'))
+  return train.LossSchedules(**{
+      field.name: pick(field.name)
+      for field in dataclasses.fields(train.LossSchedules)})
 
 
 def epoch_batches(key: jax.Array, epoch: jax.Array, num_examples: int,

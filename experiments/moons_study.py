@@ -1,4 +1,4 @@
-r"""The two-moons study of the CLL paper: fig. 4 (CLL vs GloRo) and fig. D2.
+r"""The two-moons study of the CLL paper: fig. 4 (CLL vs GloRo), D2 and D3.
 
   python -m experiments.moons_study [--output_dir=workdir/moons_study] \
       [--epochs=1000] [--seed=0] [--comparison_seeds=1,2,3,4]
@@ -23,6 +23,9 @@ training points with uniform disc noise of radius 0.1, 1000 epochs, batch
 * seed comparison: CLL vs both GloRo variants at eps = 0.15 (the true
   margin) repeated on `--comparison_seeds` (each seed draws its own data
   noise, init and batch order);
+* fig. D3: 1-Lipschitz SOC MLPs (`experiments/moons_soc.py`, dense SOC
+  layers, LLN head) of depth 3, 7 and 25 (`--soc_depths`) trained with
+  SOC's loss, certificate regulariser gamma in {0, 0.3, 1.0};
 * head/body trajectories of the GloRo runs: per epoch the distance
   ||w_0 - w_1|| of the head's class vectors, their norms, the body's product
   of power-iteration norms and K_01.
@@ -46,7 +49,7 @@ Outputs in `--output_dir` (default `workdir/moons_study`, git-ignored; the
 committed copy in `results/moons` is rewritten only when asked for with
 `--output_dir=results/moons`): moons_fig4.png (CLL vs GloRo),
 moons_fig4_official.png (CLL vs GloRo with the official gradient),
-moons_slack_d2.png, moons_trajectories.png, moons_results.json,
+moons_slack_d2.png, moons_soc_d3.png, moons_trajectories.png, moons_results.json,
 moons_results.md (both with the seed comparison), moons_params.npz (the
 figure runs' final parameters and power-iteration vectors, keys
 '<run>/<collection>/<layer>/<name>') and moons_trajectories.npz (per-epoch
@@ -76,6 +79,7 @@ from cll_jax import sweep
 from cll_jax import train
 from experiments import moons_cll
 from experiments import moons_gloro
+from experiments import moons_soc
 
 FIG4_EPS = (0.10, 0.15, 0.20, 0.25)
 SLACK_EPS = 0.15
@@ -90,7 +94,10 @@ YLIM = (-1.0, 1.5)
 METHODS = ('cll', 'gloro', 'gloro_official')
 GLORO_VARIANTS = {'gloro': 'faithful', 'gloro_official': 'official'}
 TITLES = {'cll': 'CLL', 'gloro': 'GloRo',
-          'gloro_official': 'GloRo, official gradient'}
+          'gloro_official': 'GloRo, official gradient', 'soc': 'SOC'}
+# Fig. D3: SOC MLP depths and certificate-regulariser weights.
+SOC_DEPTHS = moons_soc.DEPTHS
+SOC_GAMMAS = moons_soc.GAMMAS
 # Per-epoch values of `head_body_summary`, saved every this many epochs.
 TRAJECTORY_KEYS = ('w0_minus_w1', 'w0_norm', 'w1_norm', 'body_product',
                    'K_01')
@@ -111,6 +118,8 @@ class RunSpec:
   epsilon: float
   p_code: float | None  # fig. D2 slack in the official code's convention
   config: ml_collections.ConfigDict
+  depth: int | None = None  # fig. D3 SOC runs
+  gamma: float | None = None  # fig. D3 SOC runs
 
   @property
   def p(self) -> float | None:
@@ -120,9 +129,12 @@ class RunSpec:
 
 def make_config(method: str, epsilon: float, p: float | None, *, epochs: int,
                 num_train: int, num_val: int, batch_size: int,
-                seed: int) -> ml_collections.ConfigDict:
-  """The table B1 config of `experiments/moons_{cll,gloro}.py`, resized."""
-  if method == 'cll':
+                seed: int, depth: int = 7,
+                gamma: float = 0.0) -> ml_collections.ConfigDict:
+  """The table B1 config of `experiments/moons_{cll,gloro,soc}.py`, resized."""
+  if method == 'soc':
+    c = moons_soc.get_config(f'eps={epsilon},depth={depth},gamma={gamma}')
+  elif method == 'cll':
     c = moons_cll.get_config(f'eps={epsilon}' +
                              (f',p={p}' if p is not None else ''))
   elif method in GLORO_VARIANTS:
@@ -223,8 +235,10 @@ def evaluate_run(spec: RunSpec, state: train.TrainState, model, dataset,
     k_hf = float(1.0 / losses.calibrated_scale(eps, p_final))
   else:
     p_final = None
-    k_hf = k_f  # GloRo's softmax has unit scale: K^(h o f) = K^(f).
-  head = np.asarray(state.params['head']['kernel'], np.float64)
+    # GloRo's and SOC's softmax has unit scale: K^(h o f) = K^(f).
+    k_hf = k_f
+  head = np.asarray(model.head_spec.class_vectors(state.params['head']),
+                    np.float64)
   head_distance = float(np.linalg.norm(head[:, 0] - head[:, 1]))
   k_01 = float(np.asarray(pairwise)[0, 1])
   record = {
@@ -233,6 +247,10 @@ def evaluate_run(spec: RunSpec, state: train.TrainState, model, dataset,
       'method': spec.method,
       'loss': c.loss.name,
       'gloro_variant': GLORO_VARIANTS.get(spec.method),
+      'model': c.model.name,
+      'head': c.model.head,
+      'soc_depth': spec.depth,
+      'soc_gamma': spec.gamma,
       'seed': int(c.seed),
       'epsilon': eps,
       'two_epsilon': 2 * eps,
@@ -278,6 +296,8 @@ def decision_grid(model, variables, logits_fn, resolution: int):
 
 
 def _fmt_p(r: dict) -> str:
+  if r['method'] == 'soc':
+    return f'N/A (depth {r["soc_depth"]}, γ {r["soc_gamma"]:g})'
   if r['method'] != 'cll':
     return 'N/A'
   if r['p_code'] is None:
@@ -364,6 +384,28 @@ def plot_slack(path: str, records, grids, dataset, masks) -> None:
   _save(plt, fig, path, dpi=120)
 
 
+def plot_soc_d3(path: str, records, grids, dataset, masks) -> None:
+  """Fig. D3: SOC MLPs, rows gamma, columns depth."""
+  plt = _pyplot()
+  runs = [r for r in records if r['group'] == 'soc_d3']
+  depths = sorted({r['soc_depth'] for r in runs})
+  gammas = sorted({r['soc_gamma'] for r in runs})
+  fig, axes = plt.subplots(len(gammas), len(depths),
+                           figsize=(3.3 * len(depths), 2.6 * len(gammas)),
+                           squeeze=False)
+  for row, gamma in enumerate(gammas):
+    for col, depth in enumerate(depths):
+      r = next(r for r in runs
+               if r['soc_depth'] == depth and r['soc_gamma'] == gamma)
+      _panel(axes[row, col], r, grids[r['name']], dataset, masks[r['name']],
+             f'SOC depth {depth}, γ = {gamma:g}')
+  eps = runs[0]['epsilon'] if runs else SLACK_EPS
+  fig.suptitle(f'1-Lipschitz SOC MLPs with LLN (CLL fig. D3), SOC loss; '
+               f'training CRA at 2ε = {2 * eps:.2g}, sound (proven) bounds',
+               fontsize=10)
+  _save(plt, fig, path, dpi=100)
+
+
 def plot_trajectories(path: str, trajectories: dict[str, dict[str, Any]],
                       records, epsilon: float) -> None:
   """Head/body trajectories of both GloRo methods at `epsilon`, all seeds."""
@@ -404,7 +446,7 @@ def plot_trajectories(path: str, trajectories: dict[str, dict[str, Any]],
 
 def markdown_table(records, setup: dict) -> str:
   lines = [
-      '# Two-moons study (CLL fig. 4 and fig. D2)',
+      '# Two-moons study (CLL fig. 4, fig. D2 and fig. D3)',
       '',
       f'Generated by `python -m experiments.moons_study` '
       f'({setup["epochs"]} epochs, {setup["num_train"]} training and '
@@ -416,7 +458,8 @@ def markdown_table(records, setup: dict) -> str:
       f'p_code = 2 p (official code convention). K^(h o f): CLL '
       f'1/sigma_eps(p_final), GloRo K^(f). gloro: the loss as GloRo defines '
       f'it; gloro_official: the official CLL code\'s gradient of K (the '
-      f'head\'s gradient counted twice, `losses.gloro_loss`). Wall time: the '
+      f'head\'s gradient counted twice, `losses.gloro_loss`); soc: SOC MLPs '
+      f'with LLN and SOC\'s loss (fig. D3, proven layer bounds). Wall time: the '
       f'sweep that trained the run (its runs train together, vmapped), '
       f'compile included.',
       '',
@@ -453,39 +496,50 @@ def _saved_epochs(epochs: int) -> np.ndarray:
 # The study
 
 
-def train_and_evaluate_runs(specs: Sequence[RunSpec], model, datasets, *,
+def _group_functions(config, num_classes: int, input_shape):
+  """The model of a sweep and its jitted sound bounds and logits."""
+  model = train.create_model(config, num_classes)
+  bounds_fn = jax.jit(lambda st: train.certification_bounds(
+      st, model, input_shape, method='sound'))
+  logits_fn = jax.jit(functools.partial(_logits, model))
+  return model, bounds_fn, logits_fn
+
+
+def train_and_evaluate_runs(specs: Sequence[RunSpec], datasets, *,
                             epochs: int, converge_every: int,
-                            epochs_per_call: int, bounds_fn, logits_fn,
+                            epochs_per_call: int,
                             grid_resolution: int | None = None,
                             grid_groups: Sequence[str] = ('fig4',
                                                           'slack_d2'),
                             epoch_summary=None):
-  """Trains `specs` (one vmapped sweep per method) and evaluates every run.
+  """Trains `specs` (one vmapped sweep per method and model), evaluates all.
 
   Args:
     specs: the runs.
-    model: the shared `LipschitzNetwork`.
     datasets: one dataset per spec (the same object for runs on the same
       data); a sweep whose runs hold different data sets trains each run on
       its own.
     epochs, converge_every, epochs_per_call: as `sweep.Sweep`.
-    bounds_fn, logits_fn: jitted sound bounds and logits (`evaluate_run`).
     grid_resolution: if set, decision grids for the figures, of the runs
       in `grid_groups`.
-    epoch_summary: `sweep.Sweep`'s per-epoch summary (`head_body_summary`).
+    epoch_summary: `model -> ` `sweep.Sweep`'s per-epoch summary
+      (`head_body_summary`), or None.
 
   Returns:
     (records, masks, grids, params, sweep_times, trajectories): the table
     records in the order of `specs`; per run name the training-point mask of
     `evaluate_run`, the decision grid (see `grid_resolution`), the flat
     final variables and the saved epochs of the `epoch_summary` values
-    (with 'epochs', 1-based); per method the sweep's wall time in seconds.
+    (with 'epochs', 1-based); per sweep ('method' or 'method/model') its
+    wall time in seconds.
   """
   records, masks, grids, params, sweep_times = [], {}, {}, {}, {}
   trajectories = {}
   saved = _saved_epochs(epochs)
-  for method in dict.fromkeys(s.method for s in specs):
-    members = [i for i, s in enumerate(specs) if s.method == method]
+  keys = dict.fromkeys((s.method, s.config.model.name) for s in specs)
+  for method, model_name in keys:
+    members = [i for i, s in enumerate(specs)
+               if (s.method, s.config.model.name) == (method, model_name)]
     group = [specs[i] for i in members]
     data = [datasets[i] for i in members]
     if all(d is data[0] for d in data):
@@ -493,23 +547,29 @@ def train_and_evaluate_runs(specs: Sequence[RunSpec], model, datasets, *,
     else:
       images = [d.train_images for d in data]
       labels = [d.train_labels for d in data]
-    _status(f'training {method} sweep ({len(group)} runs x {epochs} '
+    label = method if len({k[1] for k in keys if k[0] == method}) == 1 else (
+        f'{method}/{model_name}')
+    model, bounds_fn, logits_fn = _group_functions(
+        group[0].config, data[0].num_classes, data[0].image_shape)
+    summary = None if epoch_summary is None else epoch_summary(
+        model, data[0].image_shape)
+    _status(f'training {label} sweep ({len(group)} runs x {epochs} '
             f'epochs)...')
     start = time.time()
     sw = sweep.Sweep([s.config for s in group], model, images, labels,
                      converge_every=converge_every,
                      epochs_per_call=epochs_per_call,
-                     epoch_summary=epoch_summary)
-    states, history = sw.train(epochs, log=lambda m, l=method: logging.info(
+                     epoch_summary=summary)
+    states, history = sw.train(epochs, log=lambda m, l=label: logging.info(
         '%s sweep: %s', l, m))
     jax.block_until_ready(states)
-    sweep_times[method] = time.time() - start
-    _status(f'  {method} sweep: {sweep_times[method]:.1f} s; evaluating...')
+    sweep_times[label] = time.time() - start
+    _status(f'  {label} sweep: {sweep_times[label]:.1f} s; evaluating...')
     for i, (spec, dataset) in enumerate(zip(group, data)):
       state = sweep.unstack(states, i)
       record, ok = evaluate_run(spec, state, model, dataset,
                                 sw.steps_per_epoch, bounds_fn, logits_fn)
-      record['sweep_wall_time_s'] = sweep_times[method]
+      record['sweep_wall_time_s'] = sweep_times[label]
       record['sweep_runs'] = len(group)
       records.append(record)
       masks[spec.name] = ok
@@ -517,7 +577,7 @@ def train_and_evaluate_runs(specs: Sequence[RunSpec], model, datasets, *,
         grids[spec.name] = decision_grid(model, state.variables, logits_fn,
                                          grid_resolution)
       params.update(_flat_variables(spec.name, state.variables))
-      if epoch_summary is not None:
+      if summary is not None:
         trajectories[spec.name] = {'epochs': saved + 1, **{
             k: history[k][i][saved] for k in history
             if k not in ('loss', 'accuracy')}}
@@ -526,6 +586,16 @@ def train_and_evaluate_runs(specs: Sequence[RunSpec], model, datasets, *,
   order = {s.name: i for i, s in enumerate(specs)}
   records.sort(key=lambda r: order[r['name']])
   return records, masks, grids, params, sweep_times, trajectories
+
+
+def soc_runs(depths: Sequence[int], epsilon: float, **kwargs
+             ) -> list[RunSpec]:
+  """Fig. D3: an SOC MLP per depth and gamma (group 'soc_d3')."""
+  return [RunSpec(f'soc_depth{depth}_gamma{gamma:g}', 'soc_d3', 'soc',
+                  epsilon, None,
+                  make_config('soc', epsilon, None, depth=depth, gamma=gamma,
+                              **kwargs), depth=depth, gamma=gamma)
+          for depth in depths for gamma in SOC_GAMMAS]
 
 
 def seed_runs(seeds: Sequence[int], epsilon: float, **kwargs
@@ -619,8 +689,12 @@ def run_study(output_dir: str, *, epochs: int = 1000,
               batch_size: int = 100, seed: int = 0, converge_every: int = 1,
               epochs_per_call: int = 50, grid_resolution: int = 300,
               comparison_seeds: Sequence[int] = (),
-              comparison_eps: float = SLACK_EPS) -> dict[str, Any]:
+              comparison_eps: float = SLACK_EPS,
+              soc_depths: Sequence[int] = SOC_DEPTHS) -> dict[str, Any]:
   """Trains and evaluates every run, writes figures and tables.
+
+  `soc_depths` (may be empty) are the fig. D3 SOC MLPs, each trained with
+  every gamma of `SOC_GAMMAS` at `comparison_eps` (the true margin).
 
   With `comparison_seeds`, also trains every method at `comparison_eps`
   for each of those seeds, in the same sweeps as the figure runs; the
@@ -638,6 +712,7 @@ def run_study(output_dir: str, *, epochs: int = 1000,
                     slack_p_code=slack_p_code, **kwargs)
   extra_seeds = [s for s in dict.fromkeys(comparison_seeds) if s != seed]
   extra = seed_runs(extra_seeds, comparison_eps, **kwargs)
+  runs += soc_runs(soc_depths, comparison_eps, **kwargs)
   base = runs[0].config
   _status(f'building the data sets (seeds {[seed, *extra_seeds]})...')
   dataset = train.load_dataset(base)
@@ -647,27 +722,21 @@ def run_study(output_dir: str, *, epochs: int = 1000,
     if spec.config.seed not in seed_data:
       seed_data[spec.config.seed] = train.load_dataset(spec.config)
     datasets.append(seed_data[spec.config.seed])
-  model = train.create_model(base, dataset.num_classes)
-  input_shape = tuple(dataset.train_images.shape[1:])
-  bounds_fn = jax.jit(lambda st: train.certification_bounds(
-      st, model, input_shape, method='sound'))
-  logits_fn = jax.jit(functools.partial(_logits, model))
-
   records, masks, grids, params, sweep_times, trajectories = (
       train_and_evaluate_runs(
-          runs + extra, model, datasets, epochs=epochs,
+          runs + extra, datasets, epochs=epochs,
           converge_every=converge_every, epochs_per_call=epochs_per_call,
-          bounds_fn=bounds_fn, logits_fn=logits_fn,
           grid_resolution=grid_resolution,
-          grid_groups=('fig4', 'slack_d2'),
-          epoch_summary=head_body_summary(model, input_shape)))
+          grid_groups=('fig4', 'slack_d2', 'soc_d3'),
+          epoch_summary=head_body_summary))
   figure_records = [r for r in records if r['group'] != 'seeds']
 
   setup = dict(kwargs, eps_values=list(eps_values), slack_eps=slack_eps,
                slack_p_code=list(slack_p_code), converge_every=converge_every,
                certification='sound', devices=str(jax.devices()),
                arc_positions=base.data.kwargs.arc_positions,
-               methods=list(METHODS))
+               methods=list(METHODS), soc_depths=list(soc_depths),
+               soc_gammas=list(SOC_GAMMAS))
   comparison = (seed_comparison(records, comparison_eps) if extra else None)
   _status(f'writing figures and tables to {output_dir}...')
   for gloro_method, name in (('gloro', 'moons_fig4.png'),
@@ -678,6 +747,9 @@ def run_study(output_dir: str, *, epochs: int = 1000,
              grids, dataset, masks)
   plot_trajectories(os.path.join(output_dir, 'moons_trajectories.png'),
                     trajectories, records, comparison_eps)
+  if soc_depths:
+    plot_soc_d3(os.path.join(output_dir, 'moons_soc_d3.png'), figure_records,
+                grids, dataset, masks)
   figure_runs = {r['name'] for r in figure_records}
   np.savez_compressed(
       os.path.join(output_dir, 'moons_params.npz'),
@@ -703,7 +775,7 @@ def run_study(output_dir: str, *, epochs: int = 1000,
     md += '\n' + seed_table(comparison)
   md += (f'\nTotal wall time {total:.1f} s (sweeps, each with its seed '
          f'comparison runs: ' + ', '.join(
-             f'{m} {sweep_times[m]:.1f} s' for m in METHODS) + ').\n')
+             f'{m} {t:.1f} s' for m, t in sweep_times.items()) + ').\n')
   with open(os.path.join(output_dir, 'moons_results.md'), 'w') as f:
     f.write(md)
   return result
@@ -730,6 +802,9 @@ _COMPARISON_SEEDS = flags.DEFINE_list(
     'Extra seeds for every method at --comparison_eps (empty: skip).')
 _COMPARISON_EPS = flags.DEFINE_float(
     'comparison_eps', SLACK_EPS, 'eps of the seed comparison (true margin).')
+_SOC_DEPTHS = flags.DEFINE_list(
+    'soc_depths', [str(d) for d in SOC_DEPTHS],
+    'Fig. D3 SOC MLP depths (empty: skip).')
 _CONVERGE_EVERY = flags.DEFINE_integer(
     'converge_every', 1, 'Converge the power iteration every k epochs.')
 
@@ -749,7 +824,8 @@ def main(argv):
       batch_size=_BATCH_SIZE.value, seed=_SEED.value,
       converge_every=_CONVERGE_EVERY.value,
       comparison_seeds=[int(x) for x in _COMPARISON_SEEDS.value],
-      comparison_eps=_COMPARISON_EPS.value)
+      comparison_eps=_COMPARISON_EPS.value,
+      soc_depths=[int(d) for d in _SOC_DEPTHS.value])
   print(open(os.path.join(_OUTPUT_DIR.value, 'moons_results.md')).read())
   print(result['wall_time_s'])
 

@@ -136,15 +136,29 @@ def test_run_writes_report(tmp_path):
   out = tmp_path / 'RESULTS.md'
   run_lib.run(tiny=True, repeats=1, output=str(out),
               skip=('train_step', 'conv_grads', 'tightness', 'data_parallel',
-                    'sound_bounds', 'liplt'))
+                    'sound_bounds', 'liplt', 'constrained'))
   assert (tmp_path / 'measurements' / 'certification_tiny.json').exists()
   # A second report reuses the saved measurement instead of measuring.
   again = tmp_path / 'AGAIN.md'
   run_lib.run(tiny=True, repeats=1, output=str(again),
               skip=('train_step', 'conv_grads', 'tightness', 'data_parallel',
-                    'sound_bounds', 'liplt'), reuse=('certification',))
+                    'sound_bounds', 'liplt', 'constrained'),
+              reuse=('certification',))
   assert 'certification reused from' in again.read_text()
   text = out.read_text()
   for needle in ('git commit', 'jax', 'Certification throughput',
                  'Two-moons', 'Certified quality'):
     assert needle in text, needle
+
+
+def test_constrained_step_benchmark_tiny():
+  from benchmarks import constrained  # pylint: disable=g-import-not-at-top
+  rows = constrained.run(tiny=True, repeats=1, models=('4c3f', 'lipconv20'),
+                         verbose=False)
+  assert [r['network'] for r in rows] == ['4c3f', 'lipconv20']
+  for r in rows:
+    assert r['median_ms'] > 0 and r['memory_peak_bytes'] > 0
+  # LipConv (5 SOC convs up to 128 channels) holds more than tiny_cnn.
+  assert rows[1]['parameters'] > rows[0]['parameters']
+  lines = run_lib._section_constrained(rows)  # pylint: disable=protected-access
+  assert any(line.startswith('| lipconv20 |') for line in lines)

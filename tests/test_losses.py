@@ -587,3 +587,46 @@ def test_value_checks_skipped_for_traced_hyperparameters():
   out = fn(F, Y, K3, jnp.float32(0.1), jnp.float32(1e-3), jnp.float32(0.05))
   want = losses.multiclass_cll_loss(F, Y, K3, 0.1, 1e-3, 0.05)
   np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def test_certificate_regularized_loss_against_a_direct_formula():
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(32, 5)).astype(np.float32) * 3
+  labels = rng.integers(0, 5, 32).astype(np.int32)
+  w = rng.normal(size=(7, 5))
+  k = np.linalg.norm(w[:, :, None] - w[:, None, :], axis=0) * 2.5
+  gamma = 0.7
+  got = np.asarray(losses.certificate_regularized_loss(
+      jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(k, jnp.float32),
+      gamma))
+  for b in range(32):
+    f, y = logits[b].astype(np.float64), labels[b]
+    ce = -f[y] + np.log(np.sum(np.exp(f)))
+    others = [j for j in range(5) if j != y]
+    radius = min((f[y] - f[j]) / k[y, j] for j in others)
+    correct = all(f[y] > f[j] for j in others)
+    expect = ce - gamma * max(radius, 0.0) * correct
+    assert got[b] == pytest.approx(expect, rel=1e-5, abs=1e-5), b
+  # gamma 0 is cross-entropy; the regulariser never raises the loss.
+  ce = np.asarray(losses.certificate_regularized_loss(
+      jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(k, jnp.float32),
+      0.0))
+  assert np.all(got <= ce + 1e-6)
+  with pytest.raises(ValueError, match='gamma'):
+    losses.certificate_regularized_loss(jnp.asarray(logits),
+                                        jnp.asarray(labels),
+                                        jnp.asarray(k, jnp.float32), -1.0)
+
+
+def test_certificate_regularizer_gradient_pushes_the_closest_class():
+  logits = jnp.asarray([[3.0, 1.0, 2.5]])
+  labels = jnp.asarray([0])
+  k = jnp.full((3, 3), 2.0) * (1 - jnp.eye(3))
+
+  def reg(f):
+    return (losses.certificate_regularized_loss(f, labels, k, 1.0)
+            - losses.certificate_regularized_loss(f, labels, k, 0.0))[0]
+
+  # The radius is (3 - 2.5) / 2: d(-radius)/df = (-1/2, 0, +1/2).
+  np.testing.assert_allclose(jax.grad(reg)(logits), [[-0.5, 0.0, 0.5]],
+                             atol=1e-7)
