@@ -31,10 +31,10 @@ pytestmark = pytest.mark.skipif(
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('lipconv'))
   config = cifar10_lipconv20.get_config('data=offline,tiny')
-  config.data.num_train_examples = 512
-  config.data.num_test_examples = 200
-  config.train.num_epochs = 3
-  config.train.eval_every_epochs = 3
+  config.data.num_train_examples = 256
+  config.data.num_test_examples = 100
+  config.train.num_epochs = 2
+  config.train.eval_every_epochs = 2
   config.train.progress_bar = False
   final = train.train_and_evaluate(config, workdir)
   dataset = train.load_dataset(config)
@@ -60,7 +60,7 @@ def test_certificate_is_the_product_of_proven_layer_bounds(trained):
   # The run's own evaluation used exactly these bounds.
   assert trained['final']['lipschitz_f'] == pytest.approx(
       float(np.max(bounds['pairwise'])), rel=1e-6)
-  assert trained['final']['test_count'] == 200
+  assert trained['final']['test_count'] == 100
 
 
 def test_pgd_breaks_no_certified_point(trained):
@@ -71,9 +71,11 @@ def test_pgd_breaks_no_certified_point(trained):
   radius = np.asarray(certify.certified_radius(logits, bounds['pairwise']))
   certified = radius > 0
   assert certified.sum() >= 10, 'too few certified points to test'
+  # At most 24 of them: each PGD step differentiates 5 layers x 15 terms.
+  certified &= np.cumsum(certified) <= 24
   pred = jnp.argmax(logits[certified], -1)
   _, margins = jax.jit(lambda z, r: attacks.pgd_l2_attack(
-      apply_fn, z, pred, r, rng=jax.random.PRNGKey(0), num_steps=25,
-      num_restarts=4, clip_min=0.0, clip_max=1.0))(
+      apply_fn, z, pred, r, rng=jax.random.PRNGKey(0), num_steps=20,
+      num_restarts=3, clip_min=0.0, clip_max=1.0))(
           trained['x'][certified], 0.999 * jnp.asarray(radius[certified]))
   assert np.all(np.asarray(margins) > 0)
