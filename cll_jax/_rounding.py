@@ -65,7 +65,10 @@ def is_subnormal(x: jax.Array) -> jax.Array:
 
 
 def is_zero(x: jax.Array) -> jax.Array:
-  """True for +0 and -0 only (a bit test: DAZ reads subnormals as 0)."""
+  """True for +0 and -0 only (a bit test: DAZ reads subnormals as 0, and
+  even `abs` flushes them)."""
+  if jnp.iscomplexobj(x):
+    return is_zero(jnp.real(x)) & is_zero(jnp.imag(x))
   exponent, frac = _fields(x)
   return (exponent == 0) & (frac == 0)
 
@@ -200,14 +203,13 @@ def frobenius_upper(x: jax.Array, axis) -> jax.Array:
   total = inflate(jnp.sum(scaled * scaled, axis=axis, keepdims=True),
                   count + 4)
   norm = next_up(scale_by_pow2(next_up(jnp.sqrt(total)), e))
-  norm = jnp.where(is_zero(peak), jnp.zeros((), real_dtype), norm)
-  return jnp.squeeze(norm, axis).astype(real_dtype)
+  norm = jnp.squeeze(norm, axis).astype(real_dtype)
+  return jnp.where(jnp.all(is_zero(x), axis=axis), 0, norm)
 
 
 def abs_sum_upper(x: jax.Array, axis) -> jax.Array:
   """Upper bound of sum |x| over `axis` of a real x (0 for all-zero)."""
   axis = tuple(np.atleast_1d(axis) % x.ndim)
   count = math.prod(x.shape[a] for a in axis)
-  mag = jnp.abs(x)
-  bound = inflate(jnp.sum(mag, axis=axis), count)
-  return jnp.where(jnp.all(is_zero(mag), axis=axis), 0, bound)
+  bound = inflate(jnp.sum(jnp.abs(x), axis=axis), count)
+  return jnp.where(jnp.all(is_zero(x), axis=axis), 0, bound)
