@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cll_jax import certify
 from cll_jax import data as data_lib
+from cll_jax import forward_error
 from cll_jax import layers
 from cll_jax import losses
 from cll_jax import models
@@ -227,16 +228,19 @@ def train_step(state: TrainState, batch: Batch, *, config,
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, pairwise_lipschitz: jax.Array,
+def eval_step(state: TrainState, batch: Batch, bounds: dict[str, Any],
               *, config, radii: tuple[float, ...]) -> dict[str, jax.Array]:
   """Counts over one padded batch: correct, and certified-correct per radius.
 
-  `batch['mask']` marks real examples; padded ones count nowhere.
-  `pairwise_lipschitz` is computed once per evaluation (see
-  `certification_bounds`), not per batch.
+  `batch['mask']` marks real examples; padded ones count nowhere. `bounds`
+  (pairwise K and the logits' error bound) is computed once per evaluation
+  by `certification_bounds`, not per batch. The logits are computed in
+  `forward_error.certification_dtype()` and every margin gives up their
+  rounding allowance (`cll_jax.forward_error`).
   """
   images = prepare_images(config, batch['image'], None)
-  out = state.apply_fn(state.variables, images)
+  out, margin_error = forward_error.certified_forward(
+      state.apply_fn, state.variables, images, bounds['logit_error'])
   mask = batch['mask']
   labels = batch['label']
   counts = {
@@ -244,8 +248,8 @@ def eval_step(state: TrainState, batch: Batch, pairwise_lipschitz: jax.Array,
       'correct': jnp.sum(mask * (jnp.argmax(out.logits, -1) == labels)),
   }
   for name, radius in zip(radius_names(radii), radii):
-    ok = certify.certified_correct(out.logits, labels, pairwise_lipschitz,
-                                   radius)
+    ok = certify.certified_correct(out.logits, labels, bounds['pairwise'],
+                                   radius, margin_error)
     counts[name] = jnp.sum(mask * ok)
   return counts
 
@@ -263,6 +267,8 @@ def certification_bounds(state: TrainState, model: models.LipschitzNetwork,
   product bound. 'power': the model's own bound (naive product or LipLT)
   from the converged power-iteration state, as in the papers; each norm is
   then an estimate from below, so the certificate is not guaranteed.
+  'logit_error': the forward pass's rounding bound from these norms
+  (`forward_error.network_logit_error`, in `certification_dtype()`).
   """
   from cll_jax import lipschitz  # pylint: disable=g-import-not-at-top
   ops = models.network_operators(model, state.params, input_shape)
@@ -277,7 +283,9 @@ def certification_bounds(state: TrainState, model: models.LipschitzNetwork,
     out = state.apply_fn(state.variables,
                          jnp.zeros((1, *input_shape), jnp.float32))
     return {'pairwise': out.pairwise_lipschitz,
-            'layer_norms': out.layer_norms, 'lipschitz': out.lipschitz}
+            'layer_norms': out.layer_norms, 'lipschitz': out.lipschitz,
+            'logit_error': forward_error.network_logit_error(
+                model, state.params, input_shape, out.layer_norms)}
   else:
     raise ValueError(f"bound method must be 'sound' or 'power', got {method!r}")
   prefix = model.input_scale * jnp.prod(norms[:-1]) * rounding
@@ -285,6 +293,8 @@ def certification_bounds(state: TrainState, model: models.LipschitzNetwork,
       'pairwise': lipschitz.pairwise_lipschitz(ops[-1].kernel, prefix),
       'layer_norms': norms,
       'lipschitz': prefix * norms[-1],
+      'logit_error': forward_error.network_logit_error(
+          model, state.params, input_shape, norms),
   }
 
 
@@ -325,7 +335,11 @@ def evaluate(state: TrainState, dataset, config, mesh, jitted_eval,
   """Clean accuracy and CRA over *every* test example (last batch padded).
 
   `jitted_bounds(state)` gives the certification bounds, once per call.
+  Both run in `config.eval.precision` (`forward_error.precision_scope`).
   """
+  precision = config.eval.get('precision', 'float64')
+  jitted_eval = forward_error.in_precision(jitted_eval, precision)
+  jitted_bounds = forward_error.in_precision(jitted_bounds, precision)
   bounds = jitted_bounds(state)
   sharding = NamedSharding(mesh, PartitionSpec('data'))
   totals: dict[str, float] = {}
@@ -334,11 +348,12 @@ def evaluate(state: TrainState, dataset, config, mesh, jitted_eval,
       config.eval.batch_size // jax.process_count()):
     batch = _put_global({'image': images, 'label': labels,
                          'mask': mask.astype(np.float32)}, sharding)
-    counts = jitted_eval(state, batch, bounds['pairwise'])
+    counts = jitted_eval(state, batch, bounds)
     for k, v in counts.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   n = totals.pop('count')
-  metrics = {'test_accuracy': totals.pop('correct') / n, 'test_count': n}
+  metrics = {'test_accuracy': totals.pop('correct') / n, 'test_count': n,
+             'certification_precision': precision}
   for k, v in totals.items():
     metrics[f'test_{k}'] = v / n
   pairwise = np.asarray(bounds['pairwise'])

@@ -1,0 +1,335 @@
+"""Rounding error of a network's logits, and the precision of certification.
+
+A certificate (`cll_jax.certify`) is about the exact function f of the stored
+weights: x -> head(act(... act(W_1 ((x - mean) / std) + b_1) ...)). The
+logits a forward pass returns are f(x) plus rounding error. This module bounds
+that error a priori (from the weights and ||x||_2 only) so that it can be
+subtracted from every margin (`certify`'s `margin_error`), and runs the
+certification forward pass in float64 (on CPU and GPU) or float32.
+
+Error bound. Let z_l be the exact activations and z^_l the computed ones,
+X_l >= ||z^_l||_2 and E_l >= ||z^_l - z_l||_2. Every linear layer computes
+each output as a sum of n_l products (n_l = d_in, or kh kw c_in for a conv:
+padding adds exact zeros) plus the bias, in some order, so (Higham, "Accuracy
+and Stability of Numerical Algorithms", 2nd ed., eq. 3.5)
+
+    fl(W z^ + b) = W z^ + b + r,  |r| <= gamma_{n+1} (|W| |z^| + |b|)
+
+entrywise, gamma_k = k u / (1 - k u) for the forward pass's unit roundoff u.
+With S_l >= ||W_l||_2 (the layer bounds), A_l >= || |W_l| ||_2 (Hoelder:
+sqrt(max column sum * max row sum) of |W_l|, entries of |kernel| for a
+conv, which reads each input at most once per tap) and B_l = ||b_l||_2 over
+all output positions:
+
+    ||r_l|| <= R_l = gamma_{n_l+1} (A_l X_{l-1} + B_l),
+    X_l = S_l X_{l-1} + B_l + R_l,    E_l = S_l E_{l-1} + R_l,
+
+because the activations (MinMax, ReLU) are exact, 1-Lipschitz and do not
+increase norms. The input normalisation computes fl(fl(x - m^) / s^) with
+m^, s^ the mean and std rounded to the compute dtype (and XLA may divide as a
+multiplication by fl(1 / s^)): entrywise within gamma_4 (|x| + 2 |m|) / s of
+(x - m) / s, so E_0 = gamma_4 (||x|| + 2 M) / s_min and X_0 = ((1 + gamma_4)
+||x|| + (1 + 2 gamma_4) M) / s_min, M the norm of the broadcast mean (E_0 = 0,
+X_0 = ||x|| without normalisation). For the head (columns w_i, bias b_i, n_L
+inputs) the computed margin f^_c - f^_j is within
+
+    delta(x) = D E_{L-1} + 2 gamma_{n_L+1} (omega X_{L-1} + beta)
+
+of the exact one, D = max_{c != j} ||w_c - w_j||, omega = max_i ||w_i||,
+beta = max_i |b_i|. X and E are affine in ||x||, so
+delta(x) = offset + slope ||x||_2 (`LogitErrorBound`). The coefficients are
+computed with round-to-nearest from rigorous upper bounds of their inputs
+and then inflated by gamma of their operation count (`_rounding.inflate`).
+
+Assumptions: IEEE arithmetic in the forward pass (as on CPUs, and on GPUs
+with full-precision matmuls: `certified_forward` sets
+`jax.default_matmul_precision('highest')`, without which float32 matmuls may
+run in TF32), and convolutions evaluated as sums of products (direct or
+GEMM-based; not Winograd or FFT algorithms, which cuDNN may choose on GPUs:
+certify in float64 there). The bound is a worst case: in float32 it is large
+(each layer adds about n_l u || |W| || ||x||, ~1e-3 relative for n_l in
+the thousands), in float64 it is ~1e-12 relative. Hence the default
+certification precision is float64.
+
+Reference: CLL = arXiv 2309.06166 (the certificate, supp. eq. 18).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cll_jax import _rounding
+from cll_jax import models
+from cll_jax.operators import LinearOperator
+
+Array = jax.Array
+
+# Certification precisions: 'float64' (default; CPU and GPU) computes the
+# logits and the layer bounds in float64; 'float32' computes the logits in
+# float32 and subtracts the (larger) float32 rounding allowance.
+PRECISIONS = ('float64', 'float32')
+# Activations that are exact in floating point, 1-Lipschitz and map 0 to 0.
+_EXACT_ACTIVATIONS = ('minmax', 'relu')
+# Operations on the coefficients per layer in `chain_logit_error`, with room.
+_OPS_PER_LAYER = 12
+
+
+def check_precision(precision: str) -> None:
+  if precision not in PRECISIONS:
+    raise ValueError(
+        f'certification precision must be one of {PRECISIONS}, got '
+        f'{precision!r}')
+  if precision == 'float64' and jax.default_backend() == 'tpu':
+    raise ValueError(
+        "certification precision 'float64' needs a CPU or GPU backend; "
+        "TPUs lack float64: use 'float32'")
+
+
+def precision_scope(precision: str):
+  """Context for a certification in `precision` (x64 on for 'float64')."""
+  check_precision(precision)
+  if precision == 'float64':
+    return jax.enable_x64(True)
+  return contextlib.nullcontext()
+
+
+def in_precision(fn: Callable, precision: str) -> Callable:
+  """`fn` called inside `precision_scope(precision)`.
+
+  Jitted functions retrace under x64, so the same `jax.jit` object serves
+  both precisions.
+  """
+  check_precision(precision)
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    with precision_scope(precision):
+      return fn(*args, **kwargs)
+
+  return wrapper
+
+
+def certification_dtype():
+  """float64 inside a float64 scope (x64 on), else float32."""
+  return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+@flax.struct.dataclass
+class LogitErrorBound:
+  """|(f^_c - f^_j) - (f_c - f_j)| <= offset + slope ||x||_2 for all c, j.
+
+  Attributes:
+    offset: scalar >= 0.
+    slope: scalar >= 0.
+  """
+  offset: Array
+  slope: Array
+
+  def margin_error(self, inputs: Array) -> Array:
+    """`(B,)` margin error bounds for the batch `inputs` `(B, ...)`."""
+    dtype = self.offset.dtype
+    axes = tuple(range(1, inputs.ndim))
+    norms = _rounding.frobenius_upper(inputs.astype(dtype), axes)
+    return _rounding.inflate(self.offset + self.slope * norms, 2)
+
+
+def _gamma(k: int, dtype, forward_dtype) -> Array:
+  return _rounding.round_up_into(_rounding.gamma(k, forward_dtype), dtype)
+
+
+def _host_up(x: float) -> float:
+  """x computed by <= 3 float64 roundings -> a float >= the exact value."""
+  return math.nextafter(x * (1 + 2.0**-50), math.inf)
+
+
+def _own_precision(x) -> Array:
+  """x in its own dtype, at least float32: no cast that could flush
+  subnormals (their loss is covered by `_rounding.inflate`'s terms)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _abs_operator_norm(op: LinearOperator) -> Array:
+  """Upper bound of || |W| ||_2 by sqrt(||.||_1 ||.||_inf) of |W|."""
+  kernel = _own_precision(op.kernel)
+  if op.kind == 'dense':  # y = x @ W: rows of the map are columns of W.
+    col_sums, row_sums = (_rounding.abs_sum_upper(kernel, 1),
+                          _rounding.abs_sum_upper(kernel, 0))
+  else:  # each input entry feeds each output channel once per tap, at most
+    col_sums, row_sums = (_rounding.abs_sum_upper(kernel, (0, 1, 3)),
+                          _rounding.abs_sum_upper(kernel, (0, 1, 2)))
+  up = _rounding.next_up
+  return up(jnp.sqrt(up(jnp.max(col_sums) * jnp.max(row_sums))))
+
+
+def _dot_length(op: LinearOperator) -> int:
+  if op.kind == 'dense':
+    return int(op.kernel.shape[0])
+  kh, kw, c_in, _ = op.kernel.shape
+  return int(kh * kw * c_in)
+
+
+def _bias_norm(op: LinearOperator, bias, dtype) -> Array:
+  """||b||_2 over all output positions (a conv repeats it at each)."""
+  if bias is None:
+    return jnp.zeros((), dtype)
+  positions = 1 if op.kind == 'dense' else math.prod(op.output_shape[:2])
+  bias = _own_precision(bias)
+  norm = _rounding.frobenius_upper(bias[None], 1)[0]
+  norm = _rounding.next_up(
+      norm * _rounding.round_up_into(_host_up(math.sqrt(positions)),
+                                     bias.dtype))
+  return _rounding.round_up_into(norm, dtype)
+
+
+def chain_logit_error(
+    ops: Sequence[LinearOperator],
+    biases: Sequence[Array | None],
+    layer_norms: Sequence[Array] | Array,
+    *,
+    input_mean_norm: float = 0.0,
+    input_std_min: float = 1.0,
+    forward_dtype=jnp.float32,
+    dtype=None,
+) -> LogitErrorBound:
+  """The module docstring's bound for a chain of layers with a dense head.
+
+  Args:
+    ops: the layers' operators, head (dense, `(d, N)`) last.
+    biases: each layer's bias (`(c_out,)`) or None.
+    layer_norms: upper bounds S_l >= ||W_l||_2 of the layers before the head
+      (a head entry, if present, is not used).
+    input_mean_norm: M, the L2 norm of the mean subtracted from an input
+      (broadcast to the input shape); 0 without normalisation.
+    input_std_min: the smallest std the input is divided by (1: none).
+    forward_dtype: dtype of the forward pass (its unit roundoff enters).
+    dtype: dtype of the coefficients (default: `certification_dtype()`).
+
+  Returns:
+    The `LogitErrorBound`.
+  """
+  if ops[-1].kind != 'dense':
+    raise ValueError(f"the head must be a dense layer, got {ops[-1].kind!r}")
+  if len(biases) != len(ops) or len(layer_norms) < len(ops) - 1:
+    raise ValueError(
+        f'need one bias per layer and a norm bound per hidden layer: got '
+        f'{len(ops)} ops, {len(biases)} biases, {len(layer_norms)} norms')
+  if not (math.isfinite(input_mean_norm) and input_mean_norm >= 0):
+    raise ValueError(f'input_mean_norm must be finite and >= 0, got '
+                     f'{input_mean_norm}')
+  if not (math.isfinite(input_std_min) and input_std_min > 0):
+    raise ValueError(f'input_std_min must be finite and > 0, got '
+                     f'{input_std_min}')
+  dtype = certification_dtype() if dtype is None else dtype
+  up = functools.partial(_rounding.round_up_into, dtype=dtype)
+  zero = jnp.zeros((), dtype)
+  # Affine forms (p, q): value <= p + q ||x||.
+  if input_mean_norm == 0 and input_std_min == 1:
+    x_form, e_form = (zero, jnp.ones((), dtype)), (zero, zero)
+  else:
+    g4 = _rounding.gamma(4, forward_dtype)
+    inv_s = 1.0 / input_std_min
+    # Python floats (<= 3 roundings each), rounded up into dtype.
+    x_form = (up(_host_up((1 + 2 * g4) * input_mean_norm * inv_s)),
+              up(_host_up((1 + g4) * inv_s)))
+    e_form = (up(_host_up(2 * g4 * input_mean_norm * inv_s)),
+              up(_host_up(g4 * inv_s)))
+  for op, bias, norm in zip(ops[:-1], biases[:-1], layer_norms):
+    gamma = _gamma(_dot_length(op) + 1, dtype, forward_dtype)
+    a_norm = _rounding.round_up_into(_abs_operator_norm(op), dtype)
+    b_norm = _bias_norm(op, bias, dtype)
+    s = _rounding.round_up_into(norm, dtype)
+    r_form = (gamma * (a_norm * x_form[0] + b_norm), gamma * a_norm * x_form[1])
+    x_form = (s * x_form[0] + b_norm + r_form[0], s * x_form[1] + r_form[1])
+    e_form = (s * e_form[0] + r_form[0], s * e_form[1] + r_form[1])
+  head, head_bias = ops[-1], biases[-1]
+  kernel = _own_precision(head.kernel)
+  gamma = _gamma(_dot_length(head) + 1, dtype, forward_dtype)
+  # Each difference rounds once: within the 4 roundings per entry that
+  # frobenius_upper allows for.
+  d_max = _rounding.round_up_into(jnp.max(_rounding.frobenius_upper(
+      kernel[:, :, None] - kernel[:, None, :], 0)), dtype)
+  omega = _rounding.round_up_into(
+      jnp.max(_rounding.frobenius_upper(kernel, 0)), dtype)
+  if head_bias is None:
+    beta = zero
+  else:  # `abs` flushes subnormals: count them as the smallest normal.
+    head_bias = _own_precision(head_bias)
+    beta = _rounding.round_up_into(jnp.max(jnp.where(
+        _rounding.is_subnormal(head_bias), jnp.finfo(head_bias.dtype).tiny,
+        jnp.abs(head_bias))), dtype)
+  two_gamma = 2 * gamma
+  offset = d_max * e_form[0] + two_gamma * (omega * x_form[0] + beta)
+  slope = d_max * e_form[1] + two_gamma * omega * x_form[1]
+  depth = _OPS_PER_LAYER * len(ops)
+  return LogitErrorBound(offset=_rounding.inflate(offset, depth),
+                         slope=_rounding.inflate(slope, depth))
+
+
+def network_logit_error(model: models.LipschitzNetwork, params,
+                        input_shape: Sequence[int],
+                        layer_norms: Sequence[Array] | Array,
+                        forward_dtype=None) -> LogitErrorBound:
+  """`chain_logit_error` for a `models.LipschitzNetwork`.
+
+  Args:
+    model: the network (its normalisation and activation are read).
+    params: its 'params' collection.
+    input_shape: shape of one input example.
+    layer_norms: upper bounds of the layers' norms (head entry ignored), e.g.
+      the sound bounds of `train.certification_bounds`.
+    forward_dtype: dtype of the forward pass; default
+      `certification_dtype()`.
+  """
+  if model.activation not in _EXACT_ACTIVATIONS:
+    raise ValueError(
+        f'the logit error bound needs an exact, 1-Lipschitz activation with '
+        f'act(0) = 0 ({_EXACT_ACTIVATIONS}), got {model.activation!r}')
+  forward_dtype = (certification_dtype() if forward_dtype is None
+                   else forward_dtype)
+  ops = models.network_operators(model, params, input_shape)
+  biases = [params[name].get('bias') for name in models.layer_names(model)]
+  mean_norm = 0.0
+  if model.input_mean is not None:
+    mean = np.asarray(model.input_mean, np.float64)
+    positions = math.prod(input_shape) // mean.size
+    mean_norm = _host_up(float(np.sqrt(positions * np.sum(mean * mean)))
+                         * (1 + 1e-14))
+  std_min = 1.0 if model.input_std is None else float(min(model.input_std))
+  return chain_logit_error(
+      ops, biases, layer_norms, input_mean_norm=mean_norm,
+      input_std_min=std_min, forward_dtype=forward_dtype)
+
+
+def cast_floats(tree: Any, dtype) -> Any:
+  """Every floating-point leaf of `tree` cast to `dtype` (others kept)."""
+  return jax.tree.map(
+      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+      else a, tree)
+
+
+def certified_forward(apply_fn: Callable, variables, inputs: Array,
+                      logit_error: LogitErrorBound):
+  """The forward pass of a certification, and each example's margin error.
+
+  Casts the variables and the inputs to `certification_dtype()` (exact for
+  float32 inputs) and runs `apply_fn(variables, inputs)` with
+  full-precision matmuls.
+
+  Returns:
+    `(apply_fn's output, (B,) margin error bounds)`.
+  """
+  dtype = certification_dtype()
+  variables, inputs = cast_floats((variables, inputs), dtype)
+  with jax.default_matmul_precision('highest'):
+    out = apply_fn(variables, inputs)
+  return out, logit_error.margin_error(inputs)
