@@ -171,10 +171,11 @@ def _gram_upper_bounds(mats: jax.Array, num_iterations: int | None,
   is_complex = jnp.iscomplexobj(mats)
   tiny = float(jnp.finfo(real_dtype).tiny)
   batch = mats.shape[0]
-  # Absolute terms for flush-to-zero: scaling (entries below tiny), and the
-  # products and partial sums of one Gram entry (2 m of them if complex).
+  # Absolute terms for flush-to-zero: a scaling that flushes entries below
+  # tiny (Frobenius norm < tiny sqrt(m n) <= tiny m), and the products and
+  # partial sums of one Gram entry (2 m of them, twice if complex).
   flush_first = _up_constant(tiny * math.sqrt(m * n), real_dtype)
-  flush_scale = _up_constant(tiny * n, real_dtype)
+  flush_scale = _up_constant(tiny * m, real_dtype)
   flush_product = _up_constant(tiny * 4 * m * n, real_dtype)
   first_factor = _up_constant(
       _product_error_factor(m, real_dtype, is_complex), real_dtype)
