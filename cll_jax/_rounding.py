@@ -185,7 +185,7 @@ def product_is_exact(a: jax.Array, b: jax.Array,
 
 
 def frobenius_upper(x: jax.Array, axis) -> jax.Array:
-  """Upper bound of sqrt(sum |x|^2) over `axis`, at any magnitude.
+  """Upper bound of sqrt(sum |x|^2) over `axis`, at any magnitude (> 0).
 
   The entries are first scaled by an exact power of two near the largest
   magnitude, so that squares neither overflow nor underflow to a loss
@@ -203,13 +203,4 @@ def frobenius_upper(x: jax.Array, axis) -> jax.Array:
   total = inflate(jnp.sum(scaled * scaled, axis=axis, keepdims=True),
                   count + 4)
   norm = next_up(scale_by_pow2(next_up(jnp.sqrt(total)), e))
-  norm = jnp.squeeze(norm, axis).astype(real_dtype)
-  return jnp.where(jnp.all(is_zero(x), axis=axis), 0, norm)
-
-
-def abs_sum_upper(x: jax.Array, axis) -> jax.Array:
-  """Upper bound of sum |x| over `axis` of a real x (0 for all-zero)."""
-  axis = tuple(np.atleast_1d(axis) % x.ndim)
-  count = math.prod(x.shape[a] for a in axis)
-  bound = inflate(jnp.sum(jnp.abs(x), axis=axis), count)
-  return jnp.where(jnp.all(is_zero(x), axis=axis), 0, bound)
+  return jnp.squeeze(norm, axis).astype(real_dtype)

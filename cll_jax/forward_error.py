@@ -16,10 +16,9 @@ and Stability of Numerical Algorithms", 2nd ed., eq. 3.5)
     fl(W z^ + b) = W z^ + b + r,  |r| <= gamma_{n+1} (|W| |z^| + |b|)
 
 entrywise, gamma_k = k u / (1 - k u) for the forward pass's unit roundoff u.
-With S_l >= ||W_l||_2 (the layer bounds), A_l >= || |W_l| ||_2 (Hoelder:
-sqrt(max column sum * max row sum) of |W_l|, entries of |kernel| for a
-conv, which reads each input at most once per tap) and B_l = ||b_l||_2 over
-all output positions:
+With S_l >= ||W_l||_2 (the layer bounds), A_l >= || |W_l| ||_2 (||W_l||_F
+for a dense layer, sqrt(kh kw) ||k||_F for a conv: `_abs_operator_norm`)
+and B_l = ||b_l||_2 over all output positions:
 
     ||r_l|| <= R_l = gamma_{n_l+1} (A_l X_{l-1} + B_l),
     X_l = S_l X_{l-1} + B_l + R_l,    E_l = S_l E_{l-1} + R_l,
@@ -138,7 +137,7 @@ class LogitErrorBound:
     """`(B,)` margin error bounds for the batch `inputs` `(B, ...)`."""
     dtype = self.offset.dtype
     axes = tuple(range(1, inputs.ndim))
-    norms = _rounding.frobenius_upper(inputs.astype(dtype), axes)
+    norms = _norm_upper(inputs.astype(dtype), axes)
     return _rounding.inflate(self.offset + self.slope * norms, 2)
 
 
@@ -158,17 +157,39 @@ def _own_precision(x) -> Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+# Entries up to 2^48 in magnitude: squares and their sums cannot overflow.
+_NORM_RANGE = 2.0**48
+
+
+def _norm_upper(x: Array, axis) -> Array:
+  """Upper bound of ||x||_2 over `axis` for real x; +inf past `_NORM_RANGE`.
+
+  Cheaper to compile than `_rounding.frobenius_upper` (no rescaling):
+  squares that underflow are covered by `inflate`'s absolute term, and
+  entries too large for their squares return +inf, which certifies nothing.
+  """
+  axis = tuple(np.atleast_1d(axis) % x.ndim)
+  count = math.prod(x.shape[a] for a in axis)
+  bound = _rounding.next_up(jnp.sqrt(_rounding.inflate(
+      jnp.sum(x * x, axis=axis), count + 1)))
+  in_range = jnp.max(jnp.abs(x), axis=axis) <= _NORM_RANGE
+  return jnp.where(in_range, bound, jnp.inf)
+
+
 def _abs_operator_norm(op: LinearOperator) -> Array:
-  """Upper bound of || |W| ||_2 by sqrt(||.||_1 ||.||_inf) of |W|."""
+  """Upper bound of || |W| ||_2: ||W||_F (dense), sqrt(kh kw) ||k||_F (conv).
+
+  A conv with kernel |k| is a sum over taps of restricted shifts (norm <= 1)
+  times the channel matrices |k[a, b]|, so its norm is at most
+  sum_{a,b} ||k[a, b]||_F <= sqrt(kh kw) ||k||_F (Cauchy-Schwarz).
+  """
   kernel = _own_precision(op.kernel)
-  if op.kind == 'dense':  # y = x @ W: rows of the map are columns of W.
-    col_sums, row_sums = (_rounding.abs_sum_upper(kernel, 1),
-                          _rounding.abs_sum_upper(kernel, 0))
-  else:  # each input entry feeds each output channel once per tap, at most
-    col_sums, row_sums = (_rounding.abs_sum_upper(kernel, (0, 1, 3)),
-                          _rounding.abs_sum_upper(kernel, (0, 1, 2)))
-  up = _rounding.next_up
-  return up(jnp.sqrt(up(jnp.max(col_sums) * jnp.max(row_sums))))
+  norm = _norm_upper(kernel, tuple(range(kernel.ndim)))
+  if op.kind == 'dense':
+    return norm
+  kh, kw = op.kernel.shape[:2]
+  return _rounding.next_up(norm * _rounding.round_up_into(
+      _host_up(math.sqrt(kh * kw)), kernel.dtype))
 
 
 def _dot_length(op: LinearOperator) -> int:
@@ -184,7 +205,7 @@ def _bias_norm(op: LinearOperator, bias, dtype) -> Array:
     return jnp.zeros((), dtype)
   positions = 1 if op.kind == 'dense' else math.prod(op.output_shape[:2])
   bias = _own_precision(bias)
-  norm = _rounding.frobenius_upper(bias[None], 1)[0]
+  norm = _norm_upper(bias, 0)
   norm = _rounding.next_up(
       norm * _rounding.round_up_into(_host_up(math.sqrt(positions)),
                                      bias.dtype))
@@ -254,12 +275,13 @@ def chain_logit_error(
   head, head_bias = ops[-1], biases[-1]
   kernel = _own_precision(head.kernel)
   gamma = _gamma(_dot_length(head) + 1, dtype, forward_dtype)
-  # Each difference rounds once: within the 4 roundings per entry that
-  # frobenius_upper allows for.
-  d_max = _rounding.round_up_into(jnp.max(_rounding.frobenius_upper(
-      kernel[:, :, None] - kernel[:, None, :], 0)), dtype)
-  omega = _rounding.round_up_into(
-      jnp.max(_rounding.frobenius_upper(kernel, 0)), dtype)
+  # ||w_c - w_j|| from the rounded differences d^ (|d| <= |d^| / (1 - u)),
+  # times 1 + 2u.
+  differences = _norm_upper(kernel[:, :, None] - kernel[:, None, :], 0)
+  d_max = _rounding.round_up_into(_rounding.next_up(jnp.max(
+      differences) * _rounding.round_up_into(
+          1 + 2 * _rounding.unit_roundoff(kernel.dtype), kernel.dtype)), dtype)
+  omega = _rounding.round_up_into(jnp.max(_norm_upper(kernel, 0)), dtype)
   if head_bias is None:
     beta = zero
   else:  # `abs` flushes subnormals: count them as the smallest normal.

@@ -198,21 +198,21 @@ def _gram_upper_bounds(mats: jax.Array, num_iterations: int | None,
     bound = jnp.where(peak == 0, flush_first, bound)
     return jnp.where(all_zero, jnp.zeros((), real_dtype), bound)
 
-  def squared_norms(h):
-    """(fl(||h||_F^2), an upper bound of it); h has moderate entries."""
-    sq = jnp.sum(jnp.real(h * jnp.conj(h)), axis=(-2, -1))
-    # Per entry: re^2 + im^2 (3 roundings), then the sum of the entries.
-    return sq, _rounding.inflate(sq, h.shape[-1] * h.shape[-2] + 3)
+  def squared_norm(h):
+    return jnp.sum(jnp.real(h * jnp.conj(h)), axis=(-2, -1))
 
-  def norm_upper(h):
-    return _rounding.next_up(jnp.sqrt(squared_norms(h)[1]))
+  def squared_norm_upper(sq, h):
+    """>= ||h||_F^2 from sq = squared_norm(h), h with moderate entries."""
+    # Per entry: re^2 + im^2 (3 roundings), then the sum of the entries.
+    return _rounding.inflate(sq, h.shape[-1] * h.shape[-2] + 3)
 
   if cap == 0:
-    return finish(norm_upper(h))
+    return finish(_rounding.next_up(jnp.sqrt(
+        squared_norm_upper(squared_norm(h), h))))
 
-  def step(h, ell, scale):
-    """One product: H -> Hn = H 2^-k (exact), fl(Hn^H Hn)."""
-    sq, sq_upper = squared_norms(h)
+  def step(h, sq, ell, scale):
+    """One product: H -> Hn = H 2^-k (exact), fl(Hn^H Hn); sq = ||H||_F^2."""
+    sq_upper = squared_norm_upper(sq, h)
     # ||Hn||_F in [1/2, 1) up to rounding: no overflow in the product.
     k = jnp.where(sq > 0, (_rounding.exponent(
         _rounding.raise_subnormal(sq)) + 2) // 2, 0)
@@ -221,20 +221,18 @@ def _gram_upper_bounds(mats: jax.Array, num_iterations: int | None,
     # Exact-arithmetic log scale, only for the stopping rule.
     ell = ell + scale * ln2 * k.astype(real_dtype)
     log_f = 0.5 * jnp.log(jnp.maximum(sq, tiny)) - ln2 * k.astype(real_dtype)
-    return product, ell, k, _rounding.scale_by_pow2(sq_upper, -2 * k), log_f
-
-  def log_estimates(h, ell, scale, log_f):
-    # scale = 2^-t for the step that produced h from H_t (module docstring).
-    log_norm = 0.5 * jnp.log(jnp.maximum(squared_norms(h)[0], tiny))
-    upper = ell + 0.5 * scale * log_norm
-    lower = ell + scale * (log_norm - log_f)
-    return upper, lower
+    product_sq = squared_norm(product)
+    # Exact-arithmetic log bounds (module docstring), for the stopping rule;
+    # scale = 2^-t for the step that produced the product from H_t.
+    log_norm = 0.5 * jnp.log(jnp.maximum(product_sq, tiny))
+    gap = (jnp.max(ell + 0.5 * scale * log_norm)
+           - jnp.max(ell + scale * (log_norm - log_f)))
+    return (product, product_sq, ell, k,
+            _rounding.scale_by_pow2(sq_upper, -2 * k), gap)
 
   one = jnp.ones((), real_dtype)
   ell0 = ln2 * e0.astype(real_dtype)
-  h, ell, k_first, f_first, log_f = step(h, ell0, one)
-  upper, lower = log_estimates(h, ell, one, log_f)
-  gap = jnp.max(upper) - jnp.max(lower)
+  h, sq, ell, k_first, f_first, gap = step(h, squared_norm(h), ell0, one)
   # Per-step records for the rigorous bound: exponent k_t and an upper bound
   # of ||Hn_t||_F^2, t = 1 .. cap - 1 (step 0 is kept apart: its products
   # sum m terms, the later ones n).
@@ -242,21 +240,18 @@ def _gram_upper_bounds(mats: jax.Array, num_iterations: int | None,
   fs = jnp.zeros((max(cap - 1, 1), batch), real_dtype)
 
   def cond(state):
-    _, _, _, t, gap, _, _ = state
+    t, gap = state[4:6]
     return jnp.logical_and(t < cap, jnp.logical_not(gap <= threshold))
 
   def body(state):
-    h, ell, scale, t, _, ks, fs = state
-    h, ell, k, f2, log_f = step(h, ell, scale)
-    upper, lower = log_estimates(h, ell, scale, log_f)
-    ks = ks.at[t - 1].set(k)
-    fs = fs.at[t - 1].set(f2)
-    return (h, ell, 0.5 * scale, t + 1, jnp.max(upper) - jnp.max(lower), ks,
-            fs)
+    h, sq, ell, scale, t, _, ks, fs = state
+    h, sq, ell, k, f2, gap = step(h, sq, ell, scale)
+    return (h, sq, ell, 0.5 * scale, t + 1, gap, ks.at[t - 1].set(k),
+            fs.at[t - 1].set(f2))
 
   # `scale` is the weight 2^-t of the next step; halving is exact.
-  state = (h, ell, 0.5 * one, jnp.array(1), gap, ks, fs)
-  h, _, _, steps, _, ks, fs = jax.lax.while_loop(cond, body, state)
+  state = (h, sq, ell, 0.5 * one, jnp.array(1), gap, ks, fs)
+  h, sq, _, _, steps, _, ks, fs = jax.lax.while_loop(cond, body, state)
 
   def back_step(v, k, f2, factor):
     # sigma_1(H_t) <= 2^k_t (sqrt(v_{t+1} + c F_t + flush) + flush), rounded
@@ -269,7 +264,7 @@ def _gram_upper_bounds(mats: jax.Array, num_iterations: int | None,
     return jnp.where(t < steps, back_step(v, ks[t - 1], fs[t - 1],
                                           gram_factor), v)
 
-  v = norm_upper(h)
+  v = _rounding.next_up(jnp.sqrt(squared_norm_upper(sq, h)))
   if cap > 1:
     v = jax.lax.fori_loop(0, cap - 1, back, v)
   v = back_step(v, k_first, f_first, first_factor)
