@@ -4,7 +4,9 @@
     estimates, no K_ij) and their argmax, jitted;
   * `certified`: the real `cll_jax.train.eval_step` (clean accuracy plus
     certified-correct counts at the CRA radii) with the pairwise bound K_ij
-    precomputed once, as `train.evaluate` does;
+    and the logits' error bound precomputed once, as `train.evaluate` does;
+    in float32 (`config.eval.precision = 'float32'`; the default float64
+    certification is slower on CPU);
   * one-off costs: `train.certification_bounds(..., 'sound')` (guaranteed
     Gram-iteration bounds of every layer) and `'power'`, each jitted, compile
     time reported separately.
@@ -57,8 +59,8 @@ def run(tiny: bool = False, repeats: int = 10, seed: int = 0,
     timing = time_calls(lambda: bounds_fn(state), max(repeats // 3, 1))
     rows.append(dict(benchmark='certification', variant=f'bound_{method}',
                      model=config.model.name, batch=None, **timing))
-  pairwise = block(train.certification_bounds(
-      state, model, input_shape, 'sound')['pairwise'])
+  bounds = block(train.certification_bounds(state, model, input_shape,
+                                            'sound'))
 
   @jax.jit
   def plain(params, images):
@@ -69,7 +71,7 @@ def run(tiny: bool = False, repeats: int = 10, seed: int = 0,
                                         radii=radii))
   for name, call in (
       ('plain', lambda: plain(state.params, batch['image'])),
-      ('certified', lambda: certified(state, batch, pairwise))):
+      ('certified', lambda: certified(state, batch, bounds))):
     timing = time_calls(call, repeats, warmup=2)
     rows.append(dict(benchmark='certification', variant=name,
                      model=config.model.name, batch=batch_size,

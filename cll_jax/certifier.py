@@ -8,8 +8,10 @@
 The bound is the one training evaluated with (`config.eval.bound`,
 'sound' by default: guaranteed layer bounds from the weights, never
 power-iteration estimates), computed once when the certifier is built; the
-radius of a prediction c is `min_{j != c} (f_c - f_j) / K_cj`
-(`cll_jax.certify.certified_radius`). Inputs must be what the model was
+radius of a prediction c is `min_{j != c} (f_c - f_j - delta) / K_cj`
+(`cll_jax.certify.certified_radius`), delta the logits' rounding bound of
+the forward pass, which runs in the run's `eval.precision` (float64 by
+default) as its evaluation did. Inputs must be what the model was
 trained on after preprocessing: images as floats in [0, 1] (uint8 files are
 converted by `load_inputs`, `cll_jax.data.to_float`), two-moons points as
 float pairs; anything else is refused with a ValueError.
@@ -28,6 +30,7 @@ import numpy as np
 
 from cll_jax import certify
 from cll_jax import checkpoints
+from cll_jax import forward_error
 from cll_jax import models
 from cll_jax import run_records
 from cll_jax import steps
@@ -84,13 +87,18 @@ class Certifier:
     self.bound = bound or config.eval.get('bound', 'sound')
     self.model = steps.create_model(config, len(self.class_names))
     self.variables = variables
-    bounds = jax.jit(lambda v: steps.certification_bounds(
-        v, self.model, self.image_shape, self.bound))(variables)
-    self.pairwise_lipschitz = bounds['pairwise']
-    self.lipschitz = float(bounds['lipschitz'])
+    # As the run's evaluation: bounds and logits in `eval.precision`, every
+    # margin giving up the logits' rounding bound (`cll_jax.forward_error`).
+    self.precision = config.eval.get('precision', 'float64')
+    with forward_error.precision_scope(self.precision):
+      self.bounds = jax.jit(lambda v: steps.certification_bounds(
+          v, self.model, self.image_shape, self.bound))(variables)
+    self.pairwise_lipschitz = self.bounds['pairwise']
+    self.lipschitz = float(self.bounds['lipschitz'])
     self.radii = tuple(float(r) for r in config.eval.radii) + (
         float(config.loss.epsilon),)
-    self._logits = jax.jit(lambda v, x: self.model.apply(v, x).logits)
+    self._forward = jax.jit(lambda v, x, error: forward_error.certified_forward(
+        self.model.apply, v, x, error))
 
   @classmethod
   def from_workdir(cls, workdir: str, bound: str | None = None,
@@ -143,8 +151,19 @@ class Certifier:
           f'{x.min()} to {x.max()}')
     return jnp.asarray(x)
 
-  def logits(self, inputs) -> jax.Array:
-    return self._logits(self.variables, self.check_inputs(inputs))
+  def _logits_and_errors(self, x: jax.Array, batch_size: int):
+    with forward_error.precision_scope(self.precision):
+      parts = [self._forward(self.variables, x[i:i + batch_size],
+                             self.bounds['logit_error'])
+               for i in range(0, len(x), batch_size)]
+      # Inside the scope: outside it jnp would cast float64 to float32.
+      logits = jnp.concatenate([out.logits for out, _ in parts])
+      errors = jnp.concatenate([error for _, error in parts])
+    return logits, errors
+
+  def logits(self, inputs, batch_size: int = 500) -> jax.Array:
+    """The certification forward pass's logits (in `eval.precision`)."""
+    return self._logits_and_errors(self.check_inputs(inputs), batch_size)[0]
 
   def certify(self, inputs, labels=None, radii: Sequence[float] | None = None,
               batch_size: int = 500) -> CertificationResult:
@@ -153,13 +172,13 @@ class Certifier:
     if not len(x):
       raise ValueError('no inputs to certify')
     radii = self.radii if radii is None else tuple(float(r) for r in radii)
-    logits = jnp.concatenate([self._logits(self.variables, x[i:i + batch_size])
-                              for i in range(0, len(x), batch_size)])
+    logits, errors = self._logits_and_errors(x, batch_size)
     k = self.pairwise_lipschitz
-    radius = np.asarray(certify.certified_radius(logits, k))
-    certified = np.stack([np.asarray(certify.is_certified(logits, k, r))
-                          for r in radii])
-    predictions = np.asarray(jnp.argmax(logits, -1))
+    with forward_error.precision_scope(self.precision):
+      radius = np.asarray(certify.certified_radius(logits, k, errors))
+      certified = np.stack([np.asarray(
+          certify.is_certified(logits, k, r, errors)) for r in radii])
+    predictions = np.argmax(np.asarray(logits), -1)
     names = tuple(self.class_names[int(p)] for p in predictions)
     cra = accuracy = None
     if labels is not None:
@@ -167,8 +186,9 @@ class Certifier:
       if labels.shape != (len(x),):
         raise ValueError(f'labels must have shape ({len(x)},), got '
                          f'{labels.shape}')
-      counts = certify.certified_counts(logits, jnp.asarray(labels), k,
-                                        radii)
+      with forward_error.precision_scope(self.precision):
+        counts = certify.certified_counts(logits, jnp.asarray(labels), k,
+                                          radii, margin_error=errors)
       cra = dict(zip(radii, map(float, counts.certified_accuracy())))
       accuracy = float(counts.clean_accuracy())
     return CertificationResult(predictions, names, radius, labels, radii,

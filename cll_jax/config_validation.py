@@ -6,17 +6,21 @@ line (`--config.loss.p_end=0.7`) fails in a second, not after an epoch.
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
 import ml_collections
+import numpy as np
 
 from cll_jax import layers
+from cll_jax import forward_error
 from cll_jax import models
 from cll_jax import objectives
 from cll_jax import steps
 
 GLORO_VARIANTS = ('faithful', 'official')
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 _PATH_KWARGS = {'image_folder': 'root', 'tiny_imagenet': 'root'}
 
 
@@ -68,6 +72,10 @@ def validate_config(config: ml_collections.ConfigDict,
           f'head {m.get("head", "dense")!r} has others')
   if m.num_power_iterations < 0:
     _fail('model.num_power_iterations', m.num_power_iterations, 'must be >= 0')
+  for key in ('input_mean', 'input_std'):
+    values = m.get(key)
+    if values is not None and not all(math.isfinite(v) for v in values):
+      _fail(f'model.{key}', values, 'must be finite')
   if m.get('input_std') is not None and min(m.input_std) <= 0:
     _fail('model.input_std', m.input_std, 'must be > 0')
   if d.name not in data_lib.DATASETS:
@@ -91,14 +99,21 @@ def validate_config(config: ml_collections.ConfigDict,
     _fail('loss.name', l.name, f'known losses: {objectives.names()}')
   if not l.epsilon > 0:
     _fail('loss.epsilon', l.epsilon, 'must be > 0')
+  if not math.isfinite(l.epsilon):
+    _fail('loss.epsilon', l.epsilon, 'must be finite')
   if l.epsilon_schedule not in ('fixed', 'logarithmic'):
     _fail('loss.epsilon_schedule', l.epsilon_schedule,
           "must be 'fixed' or 'logarithmic'")
   for key in ('p_start', 'p_end'):
     if not 0 < l[key] < 0.5:
       _fail(f'loss.{key}', l[key], 'slack p must lie in (0, 0.5)')
-  if l.get('delta') is not None and l.delta < 0:
-    _fail('loss.delta', l.delta, 'must be >= 0')
+  # Training runs in float32, which flushes subnormals to 0.
+  for key in ('epsilon', 'p_start', 'p_end'):
+    if l[key] < _FLOAT32_TINY:
+      _fail(f'loss.{key}', l[key], f'below the smallest normal float32 '
+            f'number {_FLOAT32_TINY}: 0 or subnormal in float32')
+  if l.get('delta') is not None and not 0 <= l.delta < math.inf:
+    _fail('loss.delta', l.delta, 'must be finite and >= 0')
   if l.get('offset', 'two_sided') not in ('two_sided', 'one_sided'):
     _fail('loss.offset', l.offset, "must be 'two_sided' or 'one_sided'")
   variant = l.get('gloro_variant', 'faithful')
@@ -147,7 +162,12 @@ def validate_config(config: ml_collections.ConfigDict,
               'checkpoint_every_epochs', 'log_every_steps'):
     if t[key] < 1:
       _fail(f'train.{key}', t[key], 'must be >= 1')
-  if any(r <= 0 for r in e.radii):
-    _fail('eval.radii', e.radii, 'radii must be > 0')
+  if not all(0 < r < math.inf for r in e.radii):
+    _fail('eval.radii', e.radii, 'radii must be finite and > 0')
   if e.bound not in ('sound', 'power'):
     _fail('eval.bound', e.bound, "must be 'sound' or 'power'")
+  precision = e.get('precision', 'float64')
+  if precision not in forward_error.PRECISIONS:
+    _fail('eval.precision', precision, f'known: {forward_error.PRECISIONS}')
+  if precision == 'float64' and jax.default_backend() == 'tpu':
+    _fail('eval.precision', precision, "TPUs lack float64: use 'float32'")

@@ -131,6 +131,11 @@ def default_config() -> ml_collections.ConfigDict:
   # 'power': the model's training bound (naive or LipLT) from converged
   # power iteration, as in the papers (estimates, not guaranteed).
   c.eval.bound = 'sound'
+  # Arithmetic of the certificate (cll_jax.forward_error): 'float64' (CPU,
+  # GPU) computes logits and bounds in float64; 'float32' keeps float32
+  # logits and subtracts a (larger) worst-case rounding allowance from each
+  # margin. Both are sound; the metrics record which was used.
+  c.eval.precision = 'float64'
   return c
 
 

@@ -107,14 +107,43 @@ def _check_multiclass(logits, labels, pairwise_lipschitz) -> int:
   return num_classes
 
 
+def _scale_dtype(epsilon, p):
+  """The dtype `calibrated_scale` computes in (at least a float)."""
+  dtype = jnp.result_type(epsilon, p)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.result_type(float)
+  return dtype
+
+
+def _check_normal(name: str, x, dtype) -> None:
+  """Raises if a concrete x > 0 is below the smallest normal `dtype` number.
+
+  Such values are 0 or subnormal in `dtype`, and XLA on CPU and GPU flushes
+  subnormals to 0: sigma would be 0 or a log of 0.
+  """
+  if _validation.is_concrete(x):
+    tiny = float(jnp.finfo(dtype).tiny)
+    value = float(np.asarray(x, np.float64))
+    if 0 < value < tiny:
+      raise ValueError(
+          f'{name}={value!r} is below the smallest normal '
+          f'{jnp.dtype(dtype).name} number {tiny!r}: it is 0 or subnormal '
+          f'there, and subnormals are flushed to 0')
+
+
 def _check_epsilon_p_delta(epsilon, p, delta) -> None:
   _check_scalar('epsilon', epsilon)
   _validation.check_positive('epsilon', epsilon)
+  _validation.check_finite('epsilon', epsilon)
   _check_scalar('p', p)
   _validation.check_open_interval('p', p, 0.0, 0.5)
+  dtype = _scale_dtype(epsilon, p)
+  _check_normal('epsilon', epsilon, dtype)
+  _check_normal('p', p, dtype)
   if delta is not None:
     _check_scalar('delta', delta)
     _check_nonnegative('delta', delta)
+    _validation.check_finite('delta', delta)
 
 
 def _gather_rows(k: Array, index: Array) -> Array:
@@ -168,14 +197,18 @@ def calibrated_scale(epsilon: ArrayLike, p: ArrayLike) -> Array:
 
   .. math::
     \sigma_\epsilon(p) = \frac{2 \epsilon}{h^{-1}(1-p) - h^{-1}(p)}
-                       = \frac{\epsilon}{\log(1-p) - \log p},
+                       = \frac{\epsilon}{\log(1-p) - \log p}
+                       = \frac{\epsilon}{\operatorname{log1p}((1 - 2p) / p)},
 
   with the logit function `h^{-1}(p) = log(p / (1 - p))`: the logistic with
   this scale puts probability `p` at `-epsilon` and `1 - p` at `+epsilon`
-  (supp. eq. 15). The second form is evaluated as `log1p(-p) - log(p)`: in
-  float32 `1 - p` rounds to 1 for p below ~6e-8, so the textbook form loses
-  all accuracy at the small p the paper anneals to (down to 1e-12..1e-15),
-  while `log1p` keeps full relative precision for every p in (0, 0.5).
+  (supp. eq. 15). The last form is evaluated: `1 - 2p` is exact for
+  p >= 1/4 (Sterbenz) and has relative error u below, the quotient adds u,
+  and log1p keeps its argument's relative accuracy, so the result is within
+  a few ulps for every p in (0, 0.5). The textbook form loses all accuracy
+  in float32 for p below ~6e-8 (`1 - p` rounds to 1), and
+  `log1p(-p) - log(p)` cancels near p = 0.5 (1.5e-4 relative at p = 0.4999
+  in float32).
 
   Note on `p` in the official code: some of its experiments compute the width
   as `logit(1 - p/2) - logit(p/2)`, i.e. its `p_code` is the total mass
@@ -183,25 +216,30 @@ def calibrated_scale(epsilon: ArrayLike, p: ArrayLike) -> Array:
   such a setting pass `p = p_code / 2` here.
 
   Args:
-    epsilon: margin half-width (input-space L2 radius), scalar > 0.
+    epsilon: margin half-width (input-space L2 radius), scalar > 0, finite,
+      at least the smallest normal number of the compute dtype.
     p: slack, the logistic's probability at the wrong margin side, scalar in
-      the open interval (0, 0.5).
+      the open interval (0, 0.5), at least the smallest normal number.
 
   Returns:
-    The scalar sigma_eps(p) > 0.
+    The scalar sigma_eps(p) > 0. Eager calls raise ValueError on bad values;
+    under `jit` (traced epsilon or p) the result is NaN instead.
   """
   _check_scalar('epsilon', epsilon)
   _validation.check_positive('epsilon', epsilon)
+  _validation.check_finite('epsilon', epsilon)
   _check_scalar('p', p)
   _validation.check_open_interval('p', p, 0.0, 0.5)
-  epsilon = jnp.asarray(epsilon)
-  p = jnp.asarray(p)
-  dtype = jnp.result_type(epsilon, p)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    dtype = jnp.result_type(float)
-  epsilon = epsilon.astype(dtype)
-  p = p.astype(dtype)
-  return epsilon / (jnp.log1p(-p) - jnp.log(p))
+  dtype = _scale_dtype(epsilon, p)
+  _check_normal('epsilon', epsilon, dtype)
+  _check_normal('p', p, dtype)
+  epsilon = jnp.asarray(epsilon).astype(dtype)
+  p = jnp.asarray(p).astype(dtype)
+  tiny = jnp.finfo(dtype).tiny
+  # Comparisons read subnormals as 0 (DAZ): they fail the >= tiny tests.
+  valid = (jnp.isfinite(epsilon) & (epsilon >= tiny) & (p >= tiny)
+           & (p < 0.5))
+  return jnp.where(valid, epsilon / jnp.log1p((1 - 2 * p) / p), jnp.nan)
 
 
 def cll_logits(
@@ -392,6 +430,7 @@ def gloro_logits(
   _check_pairwise_lipschitz(pairwise_lipschitz, num_classes)
   _check_scalar('epsilon', epsilon)
   _validation.check_positive('epsilon', epsilon)
+  _validation.check_finite('epsilon', epsilon)
   top = jnp.argmax(logits, axis=-1)
   k_row = _gather_rows(pairwise_lipschitz, top)
   is_top = jnp.arange(num_classes)[None, :] == top[:, None]
@@ -405,6 +444,7 @@ def _gloro_check(logits, labels, pairwise_lipschitz, epsilon,
   _check_multiclass(logits, labels, pairwise_lipschitz)
   _check_scalar('epsilon', epsilon)
   _validation.check_positive('epsilon', epsilon)
+  _validation.check_finite('epsilon', epsilon)
   if head_lipschitz is not None:
     _check_scalar('head_lipschitz', head_lipschitz)
     _validation.check_floating('head_lipschitz', head_lipschitz)

@@ -266,6 +266,9 @@ def create_model(name: str, num_classes: int, *, activation: str = 'minmax',
                      f'{sorted(ACTIVATIONS)}')
   if num_classes < 2:
     raise ValueError(f'num_classes must be >= 2, got {num_classes}')
+  for key, values in (('input_mean', input_mean), ('input_std', input_std)):
+    if values is not None and not all(math.isfinite(v) for v in values):
+      raise ValueError(f'{key} must be finite, got {tuple(values)}')
   if input_std is not None and not min(input_std) > 0:
     raise ValueError(f'input_std must be > 0, got {tuple(input_std)}')
   if num_power_iterations < 0:

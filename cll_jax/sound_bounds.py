@@ -19,46 +19,51 @@ known; by default (`num_iterations=None`) the iteration stops once that gap
 is below `rtol` (the lower bound only decides when to stop; the returned value
 is always the upper bound).
 
-G_t is divided by its Frobenius norm before every product and the scale is
-carried in the log domain (ell_t = 2^-t log-scale), so nothing overflows:
-with H_t = G_t / exp(2^t ell_t), f_t = ||H_t||_F,
+G_t is rescaled before every product by an exact power of two (Frobenius
+norm of the rescaled H_t in [1/2, 1)), and the exponents are carried as
+integers: with H_0 = W 2^-e_0, Hn_t = H_t 2^-k_t and H_{t+1} = Hn_t^H Hn_t,
 
-    ell_{t+1} = ell_t + 2^-t log f_t,   H_{t+1} = (H_t/f_t)^H (H_t/f_t),
-    log sigma_1 <= ell_T + 2^-T log ||H_T||_F.
+    sigma_1(W) = 2^e_0 sigma_1(H_0),  sigma_1(H_t) = 2^k_t sqrt(sigma_1(H_{t+1})),
+
+so nothing overflows and no scale error arises at any magnitude (the log
+domain is used only for the stopping rule).
 
 Convolutions: see `circular_conv_norm_upper_bound` (exact block
 diagonalisation by the 2-D DFT) and `conv_norm_upper_bound` (zero padding and
 stride reduce to a circular conv on an enlarged grid).
 
-Floating-point rounding (what `relative_float_allowance` covers): the bounds
-are computed in the kernel's dtype (float32 normally; float64 when
-`jax_enable_x64` is on and the kernel is float64), with
-`Precision.HIGHEST` on every product: on GPUs the default float32 matmul
-precision is TF32 (11-bit mantissa), whose errors (~5e-4) would swamp the
-bound. The computed value differs from the exact-arithmetic bound by:
-  * normalisations, norms, log/exp: a few ulps each, weighted by 2^-t, so
-    < ~10 ulps in total;
-  * the DFT of a conv kernel: each entry of K_hat(w) is a sum of kh*kw <= 16
-    products with phases accurate to an ulp: <= ~20 ulps of sum|k| per entry;
-  * the Gram products: fl(H^H H) = H^H H + E with |E| <= gamma_n |H|^H |H|
-    (Higham, Accuracy and Stability of Numerical Algorithms, sec. 3.5). The
-    perturbation of sigma_1(H_{t+1}) relative to itself is amplified by the
-    stable rank of H_t and enters the final bound with weight 2^-(t+1).
-    The *worst-case* (all roundings aligned) figure, ~n * srank * u / 2, is
-    about 2e-3 for a 512 x 512 Gaussian layer and far too pessimistic; with the
-    standard probabilistic model of rounding (independent mean-zero errors,
-    Higham & Mary, SIAM J. Sci. Comput. 41(5), 2019) E behaves like a random
-    matrix whose entries are ~sqrt(n) u times the entries of |H|^H|H|, and
-    its first-order effect on sigma_1, u_1^H E v_1, is of order sqrt(n) u
-    relative to sigma_1, i.e. tens of ulps for n <= 512.
-Measured (`benchmarks/sound_bounds.py`, CPU, Kaiming-normal 4C3F and 8C2F
-layers): the float32 bounds lie at most 1.9e-7 relative below the float64
-value they converge to (exact SVD, or exact norm of the circular embedding);
-the tests allow 2e-6. `DEFAULT_RELATIVE_FLOAT_ALLOWANCE` = 2^-12 ~ 2.4e-4 per layer
-(about 2000 float32 ulps) covers that with a margin of ~100x; it rests on the
-probabilistic model, not on the worst-case bound. For a bound whose rounding
-is covered rigorously, enable x64 and pass float64 kernels: then even the
-worst-case figure (~1e-11) is far below the allowance.
+Floating-point rounding: every returned value bounds the norm of the given
+kernel, rounding of this computation included (Higham, "Accuracy and
+Stability of Numerical Algorithms", 2nd ed., ch. 3; `cll_jax._rounding`):
+  * a computed product is fl(Hn^H Hn) = Hn^H Hn + E with entrywise
+    |E| <= c |Hn|^H |Hn|, c = gamma_m (real) or sqrt(2) gamma_{m+2}
+    (complex) for sums of m terms in any order, so
+    ||E||_2 <= c ||Hn||_F^2 and sigma_1(Hn_t)^2 <= sigma_1(H_{t+1}) + c F_t
+    with F_t an upper bound of ||Hn_t||_F^2. The bound is evaluated
+    backwards from v_T >= ||H_T||_F >= sigma_1(H_T):
+        v_t = 2^k_t sqrt(v_{t+1} + c F_t) >= sigma_1(H_t),
+    plus absolute terms for entries flushed to zero (FTZ), and a final
+    factor for the rounding of this recursion (`_BACKWARD_ROUNDING_ULPS`);
+  * the DFT of a conv kernel (phases from float64, one rounding each) is
+    within `_dft_error_factor` * sum_{a,b} |k[a, b]| entrywise; its
+    Frobenius norm is added to every frequency's bound (Weyl).
+The term c F_t is the worst case, relative to sigma_1^2 about c times the
+stable rank of H_t: with u = 2^-24 (float32) it adds ~5e-4 for a 256 x 192
+Gaussian matrix and ~3e-3 for a near-orthogonal one, with u = 2^-53
+(float64) ~1e-12. The bounds are therefore computed in float64 whenever JAX
+can: always for eager calls (x64 scoped to the call; not on TPUs), and under
+`jit` when x64 is on; under `jit` without x64 in the kernel's dtype, with its
+own (larger) terms. Products use `Precision.HIGHEST`: on GPUs the default
+float32 matmul precision is TF32, for which c above does not hold.
+Assumptions: IEEE arithmetic (correctly rounded +, *, sqrt; FTZ allowed),
+dots evaluated as sums of products (complex ones by the 4-multiplication
+formula).
+
+`DEFAULT_RELATIVE_FLOAT_ALLOWANCE` = 2^-12 per layer is kept on top in
+`network_upper_bound` (and `train.certification_bounds`): it covers the
+rounding of the product of the layer bounds, of the input scale and of the
+head's column distances ||w_i - w_j|| (a few ulps each, and about d/2 ulps
+for a d-dimensional column: below 2^-12 for d <= 4096).
 """
 
 from __future__ import annotations
@@ -71,13 +76,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cll_jax import _rounding
 from cll_jax import _validation
 from cll_jax.operators import LinearOperator
 
 # The relative accuracy the default iteration aims at (upper minus lower bound).
 DEFAULT_RTOL = 1e-4
-# Per-layer relative allowance for float32 rounding in the bound computation
-# (2^-12, ~2000 float32 ulps); see the module docstring.
+# Per-layer relative allowance for the float32 rounding around the layer
+# bounds (product, input scale, head distances), 2^-12 ~ 2000 float32 ulps;
+# see the module docstring.
 DEFAULT_RELATIVE_FLOAT_ALLOWANCE = 2.0 ** -12
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -103,28 +110,57 @@ def _frobenius(h: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.real(h * jnp.conj(h)), axis=(-2, -1)))
 
 
+def _product_error_factor(inner: int, dtype, is_complex: bool) -> float:
+  """c with ||fl(H^H H) - H^H H||_F <= c ||H||_F^2 (sums of `inner` terms).
+
+  Entrywise |E| <= gamma_inner |H|^H |H| for real and sqrt(2) gamma_{inner+2}
+  |H|^H |H| for complex products (Higham, 2nd ed., sec. 3.1 and 3.6), and
+  ||(|H|^H |H|)||_F <= ||H||_F^2.
+  """
+  if is_complex:
+    return math.nextafter(math.sqrt(2.0) * _rounding.gamma(inner + 2, dtype),
+                          math.inf)
+  return _rounding.gamma(inner, dtype)
+
+
+# The backward recursion v_t = 2^k (sqrt(v_{t+1} + a_t) + b) rounds to
+# nearest 5 times per step (the power of two is exact). If the computed
+# v_{t+1} is >= (1 - e) times its exact-arithmetic value, the computed v_t is
+# >= (1 - u)^2.5 (1 - e)^(1/2) times its own, so the relative deficit stays
+# below the fixed point e = 5u + O(u^2) however many steps there are; a
+# final factor 1 + 8u (rounded up) covers it.
+_BACKWARD_ROUNDING_ULPS = 8
+
+
+def _up_constant(value: float, dtype) -> jax.Array:
+  return _rounding.round_up_into(value, dtype)
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _gram_log_upper_bounds(mats: jax.Array, num_iterations: int | None,
-                           rtol: float) -> jax.Array:
-  """Batched Gram iteration; log upper bounds on sigma_1 of each matrix.
+def _gram_upper_bounds(mats: jax.Array, num_iterations: int | None,
+                       rtol: float) -> jax.Array:
+  """Batched Gram iteration; rigorous upper bounds on sigma_1 of each matrix.
+
+  Exact-arithmetic bound (module docstring) plus the rounding of this very
+  computation, carried a posteriori (module docstring, "Floating-point
+  rounding").
 
   Args:
     mats: `(B, m, n)` real or complex matrices.
     num_iterations: number of products G <- G^H G; None stops once
-      max_b(upper) - max_b(lower) <= log1p(rtol) (at most
-      `worst_case_iterations(min(m, n), rtol)` products).
+      max_b(upper) - max_b(lower) <= log1p(rtol) of the exact-arithmetic
+      estimates (at most `worst_case_iterations(min(m, n), rtol)` products).
     rtol: relative accuracy for the adaptive stop.
 
   Returns:
-    `(B,)` real: log of an upper bound on sigma_1 of each matrix (-inf for a
-    zero matrix).
+    `(B,)` real upper bounds on sigma_1 of each matrix (0 for a zero matrix).
   """
   m, n = mats.shape[-2:]
   if m < n:  # G^H G of the transpose is the smaller Gram matrix.
     mats = jnp.swapaxes(mats, -1, -2)
-  rank_bound = min(m, n)
+    m, n = n, m
   if num_iterations is None:
-    cap = worst_case_iterations(rank_bound, rtol)
+    cap = worst_case_iterations(n, rtol)
     threshold = math.log1p(rtol)
   else:
     if num_iterations < 0:
@@ -132,55 +168,141 @@ def _gram_log_upper_bounds(mats: jax.Array, num_iterations: int | None,
     cap = num_iterations
     threshold = -math.inf  # never converged: run exactly `cap` steps.
   real_dtype = jnp.real(mats).dtype
-  tiny = jnp.finfo(real_dtype).tiny
+  is_complex = jnp.iscomplexobj(mats)
+  tiny = float(jnp.finfo(real_dtype).tiny)
+  batch = mats.shape[0]
+  # Absolute terms for flush-to-zero: a scaling that flushes entries below
+  # tiny (Frobenius norm < tiny sqrt(m n) <= tiny m), and the products and
+  # partial sums of one Gram entry (2 m of them, twice if complex).
+  flush_first = _up_constant(tiny * math.sqrt(m * n), real_dtype)
+  flush_scale = _up_constant(tiny * m, real_dtype)
+  flush_product = _up_constant(tiny * 4 * m * n, real_dtype)
+  first_factor = _up_constant(
+      _product_error_factor(m, real_dtype, is_complex), real_dtype)
+  gram_factor = _up_constant(
+      _product_error_factor(n, real_dtype, is_complex), real_dtype)
+  ln2 = math.log(2.0)
 
-  # First scale by the max-abs entry so that squaring cannot overflow.
-  peak = jnp.maximum(jnp.max(jnp.abs(mats), axis=(-2, -1)), tiny)
-  # Multiplying by a real reciprocal: XLA's complex division of 0 by a tiny
-  # denominator gives NaN.
-  h = mats * (1 / peak)[:, None, None]
-  ell = jnp.log(peak)
+  # H_0 = W 2^-e0, an exact power-of-two scaling: no scale error at all.
+  peak = jnp.max(jnp.abs(mats), axis=(-2, -1))
+  e0 = _rounding.exponent(_rounding.raise_subnormal(peak)) + 1
+  h = _rounding.scale_by_pow2(mats, -e0[:, None, None])
+  all_zero = jnp.all(_rounding.is_zero(mats), axis=(-2, -1))
+
+  def finish(v):
+    # sigma_1(W) <= 2^e0 (v + flush) + tiny sqrt(m n) (DAZ-read inputs).
+    bound = _rounding.next_up(_rounding.scale_by_pow2(
+        _rounding.next_up(v + flush_first), e0))
+    bound = _rounding.next_up(bound + flush_first)
+    # Only subnormal entries (read as 0): sigma_1 < tiny sqrt(m n).
+    bound = jnp.where(peak == 0, flush_first, bound)
+    return jnp.where(all_zero, jnp.zeros((), real_dtype), bound)
+
+  def squared_norm(h):
+    return jnp.sum(jnp.real(h * jnp.conj(h)), axis=(-2, -1))
+
+  def squared_norm_upper(sq, h):
+    """>= ||h||_F^2 from sq = squared_norm(h), h with moderate entries."""
+    # Per entry: re^2 + im^2 (3 roundings), then the sum of the entries.
+    return _rounding.inflate(sq, h.shape[-1] * h.shape[-2] + 3)
+
   if cap == 0:
-    return ell + jnp.log(_frobenius(h))
+    return finish(_rounding.next_up(jnp.sqrt(
+        squared_norm_upper(squared_norm(h), h))))
 
-  def step(h, ell, scale):
-    f = jnp.maximum(_frobenius(h), tiny)
-    hn = h * (1 / f)[:, None, None]
-    ell = ell + scale * jnp.log(f)
-    h = jnp.einsum('bij,bik->bjk', jnp.conj(hn), hn, precision=_HIGHEST)
-    return h, ell
-
-  def log_bounds(h, ell, scale):
-    # scale = 2^-t for the step that produced h from H_{t}.
-    log_norm = jnp.log(_frobenius(h))
-    upper = ell + 0.5 * scale * log_norm
-    lower = ell + scale * log_norm  # log_norm <= 0 up to rounding
-    return upper, lower
+  def step(h, sq, ell, scale):
+    """One product: H -> Hn = H 2^-k (exact), fl(Hn^H Hn); sq = ||H||_F^2."""
+    sq_upper = squared_norm_upper(sq, h)
+    # ||Hn||_F in [1/2, 1) up to rounding: no overflow in the product.
+    k = jnp.where(sq > 0, (_rounding.exponent(
+        _rounding.raise_subnormal(sq)) + 2) // 2, 0)
+    hn = _rounding.scale_by_pow2(h, -k[:, None, None])
+    product = jnp.einsum('bij,bik->bjk', jnp.conj(hn), hn, precision=_HIGHEST)
+    # Exact-arithmetic log scale, only for the stopping rule.
+    ell = ell + scale * ln2 * k.astype(real_dtype)
+    log_f = 0.5 * jnp.log(jnp.maximum(sq, tiny)) - ln2 * k.astype(real_dtype)
+    product_sq = squared_norm(product)
+    # Exact-arithmetic log bounds (module docstring), for the stopping rule;
+    # scale = 2^-t for the step that produced the product from H_t.
+    log_norm = 0.5 * jnp.log(jnp.maximum(product_sq, tiny))
+    gap = (jnp.max(ell + 0.5 * scale * log_norm)
+           - jnp.max(ell + scale * (log_norm - log_f)))
+    return (product, product_sq, ell, k,
+            _rounding.scale_by_pow2(sq_upper, -2 * k), gap)
 
   one = jnp.ones((), real_dtype)
-  h, ell = step(h, ell, one)
-  upper, lower = log_bounds(h, ell, one)
-  gap = jnp.max(upper) - jnp.max(lower)
+  ell0 = ln2 * e0.astype(real_dtype)
+  h, sq, ell, k_first, f_first, gap = step(h, squared_norm(h), ell0, one)
+  # Per-step records for the rigorous bound: exponent k_t and an upper bound
+  # of ||Hn_t||_F^2, t = 1 .. cap - 1 (step 0 is kept apart: its products
+  # sum m terms, the later ones n).
+  ks = jnp.zeros((max(cap - 1, 1), batch), jnp.int32)
+  fs = jnp.zeros((max(cap - 1, 1), batch), real_dtype)
 
   def cond(state):
-    _, _, _, t, gap = state
+    t, gap = state[4:6]
     return jnp.logical_and(t < cap, jnp.logical_not(gap <= threshold))
 
   def body(state):
-    h, ell, scale, t, _ = state
-    h, ell = step(h, ell, scale)
-    upper, lower = log_bounds(h, ell, scale)
-    return h, ell, 0.5 * scale, t + 1, jnp.max(upper) - jnp.max(lower)
+    h, sq, ell, scale, t, _, ks, fs = state
+    h, sq, ell, k, f2, gap = step(h, sq, ell, scale)
+    return (h, sq, ell, 0.5 * scale, t + 1, gap, ks.at[t - 1].set(k),
+            fs.at[t - 1].set(f2))
 
   # `scale` is the weight 2^-t of the next step; halving is exact.
-  state = (h, ell, 0.5 * one, jnp.array(1), gap)
-  h, ell, scale, _, _ = jax.lax.while_loop(cond, body, state)
-  return ell + scale * jnp.log(_frobenius(h))
+  state = (h, sq, ell, 0.5 * one, jnp.array(1), gap, ks, fs)
+  h, sq, _, _, steps, _, ks, fs = jax.lax.while_loop(cond, body, state)
+
+  def back_step(v, k, f2, factor):
+    # sigma_1(H_t) <= 2^k_t (sqrt(v_{t+1} + c F_t + flush) + flush), rounded
+    # to nearest: see `_BACKWARD_ROUNDING_ULPS` for why that is enough.
+    s = v + (factor * f2 + flush_product)
+    return _rounding.scale_by_pow2(jnp.sqrt(s) + flush_scale, k)
+
+  def back(i, v):
+    t = cap - 1 - i  # from steps - 1 down to 1; entries past `steps` skipped
+    return jnp.where(t < steps, back_step(v, ks[t - 1], fs[t - 1],
+                                          gram_factor), v)
+
+  v = _rounding.next_up(jnp.sqrt(squared_norm_upper(sq, h)))
+  if cap > 1:
+    v = jax.lax.fori_loop(0, cap - 1, back, v)
+  v = back_step(v, k_first, f_first, first_factor)
+  backward = _up_constant(
+      1.0 + _BACKWARD_ROUNDING_ULPS * _rounding.unit_roundoff(real_dtype),
+      real_dtype)
+  return finish(_rounding.next_up(v * backward))
 
 
 def _compute_dtype(kernel: jax.Array):
   _validation.check_floating('kernel', kernel)
   return jnp.promote_types(kernel.dtype, jnp.float32)
+
+
+def _in_float64_when_possible(bound_fn, kernel: jax.Array):
+  """`bound_fn(kernel in float64)` rounded up to the kernel's dtype.
+
+  Float64 is used whenever JAX can: x64 on, or an eager call (x64 is then
+  scoped to it; not on TPUs, which lack float64). Under `jit` without x64
+  the bound is computed in the kernel's dtype, with that dtype's (larger)
+  rounding terms.
+  """
+  out_dtype = _compute_dtype(kernel)
+  if _validation.is_concrete(kernel) and jax.default_backend() != 'tpu':
+    # Cast on the host: XLA's conversion would flush subnormals to zero.
+    wide = np.asarray(kernel).astype(np.float64)
+    with jax.enable_x64(True):
+      return _rounding.round_up_into(bound_fn(jnp.asarray(wide)), out_dtype)
+  if jax.config.jax_enable_x64 and kernel.dtype != jnp.float64:
+    bound = bound_fn(kernel.astype(jnp.float64))
+    # The in-graph cast reads subnormal entries as 0: a kernel change of
+    # Frobenius norm < tiny sqrt(size), which moves a dense or circular-conv
+    # norm by less than tiny * size.
+    flush = _rounding.round_up_into(
+        float(jnp.finfo(kernel.dtype).tiny) * kernel.size, jnp.float64)
+    return _rounding.round_up_into(_rounding.next_up(bound + flush),
+                                   out_dtype)
+  return bound_fn(kernel.astype(out_dtype))
 
 
 def dense_norm_upper_bound(kernel: jax.Array,
@@ -189,7 +311,9 @@ def dense_norm_upper_bound(kernel: jax.Array,
   """Guaranteed upper bound on sigma_1 of a `(d_in, d_out)` matrix.
 
   Gram iteration (Delattre et al. 2023): sigma_1(W) <=
-  ||G_T||_F^(2^-T), computed with per-step rescaling (module docstring).
+  ||G_T||_F^(2^-T), computed with exact power-of-two rescaling and the
+  rounding of the computation included (module docstring), so the returned
+  value bounds sigma_1 of the given matrix at any scale.
 
   Args:
     kernel: `(d_in, d_out)` dense kernel.
@@ -200,23 +324,41 @@ def dense_norm_upper_bound(kernel: jax.Array,
     rtol: relative accuracy of the adaptive stop.
 
   Returns:
-    Scalar upper bound on the largest singular value (exact-arithmetic bound;
-    see `DEFAULT_RELATIVE_FLOAT_ALLOWANCE` for rounding).
+    Scalar upper bound on the largest singular value, in the kernel's dtype
+    (at least float32), computed in float64 when possible
+    (`_in_float64_when_possible`).
   """
   _validation.check_ndim('kernel', kernel, 2)
-  dtype = _compute_dtype(kernel)
+  _compute_dtype(kernel)
   _validation.check_finite('kernel', kernel)
-  log_bound = _gram_log_upper_bounds(kernel.astype(dtype)[None],
-                                     num_iterations, rtol)
-  return jnp.exp(log_bound[0])
+  return _in_float64_when_possible(
+      lambda k: _gram_upper_bounds(k[None], num_iterations, rtol)[0],
+      jnp.asarray(kernel))
 
 
 def _dft_phases(n: int, k: int, num_freqs: int, dtype) -> jax.Array:
-  """(num_freqs, k) matrix exp(-2 pi i w a / n), w < num_freqs, a < k."""
-  # (w * a) mod n keeps the angle in [0, 2 pi): accurate cos/sin in float32.
+  """(num_freqs, k) matrix exp(-2 pi i w a / n), w < num_freqs, a < k.
+
+  Computed in float64 by numpy and rounded once to `dtype` (each component
+  within u of the exact phase, hence |error| <= u).
+  """
+  # (w * a) mod n keeps the angle in [0, 2 pi).
   wa = (np.arange(num_freqs)[:, None] * np.arange(k)[None, :]) % n
-  angle = jnp.asarray(2.0 * np.pi * wa / n, dtype)
-  return jax.lax.complex(jnp.cos(angle), -jnp.sin(angle))
+  phases = np.exp(-2j * np.pi * wa / n)
+  return jnp.asarray(phases, jnp.result_type(dtype, jnp.complex64))
+
+
+def _dft_error_factor(kh: int, kw: int, dtype) -> float:
+  """c with |fl(K_hat(w)) - K_hat(w)| <= c sum_{a,b} |k[a, b]| entrywise.
+
+  Each term is a product of two phases (each within u of exact, from
+  float64) and a kernel entry, summed over kh * kw taps in whatever order
+  XLA contracts the three operands: at most kh kw + kh + kw additions and
+  complex multiplications (sqrt(2) gamma_2 each, Higham sec. 3.6); 2 gamma
+  of that count, plus 8 for the phases, covers every order.
+  """
+  return math.nextafter(2.0 * _rounding.gamma(kh * kw + 2 * (kh + kw) + 8,
+                                              dtype), math.inf)
 
 
 def circular_conv_norm_upper_bound(kernel: jax.Array,
@@ -256,15 +398,17 @@ def circular_conv_norm_upper_bound(kernel: jax.Array,
     Scalar upper bound on the operator norm of the circular convolution.
   """
   _validation.check_ndim('kernel', kernel, 4)
-  dtype = _compute_dtype(kernel)
+  _compute_dtype(kernel)
   _validation.check_finite('kernel', kernel)
   if (len(grid_shape) != 2
       or not all(isinstance(n, (int, np.integer)) and n >= 1
                  for n in grid_shape)):
     raise ValueError(
         f'grid_shape must be two positive ints, got {grid_shape}')
-  return _circular_bound(kernel.astype(dtype), tuple(int(n) for n in grid_shape),
-                         num_iterations, rtol)
+  grid_shape = tuple(int(n) for n in grid_shape)
+  return _in_float64_when_possible(
+      lambda k: _circular_bound(k, grid_shape, num_iterations, rtol),
+      jnp.asarray(kernel))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -278,7 +422,16 @@ def _circular_bound(kernel: jax.Array, grid_shape: tuple[int, int],
   k_hat = jnp.einsum('ia,jb,abcd->ijcd', ph1, ph2,
                      kernel.astype(ph1.dtype), precision=_HIGHEST)
   mats = k_hat.reshape(-1, c_in, c_out)
-  return jnp.exp(jnp.max(_gram_log_upper_bounds(mats, num_iterations, rtol)))
+  # sigma_1(K_hat(w)) <= sigma_1(fl(K_hat(w))) + ||error||_F, the error
+  # bounded entrywise by c * sum_{a,b} |k[a, b]| (`_dft_error_factor`).
+  taps = jnp.sum(jnp.abs(kernel), axis=(0, 1))
+  dft_error = _rounding.next_up(
+      _up_constant(_dft_error_factor(kh, kw, dtype), dtype)
+      * _rounding.frobenius_upper(_rounding.inflate(taps, kh * kw),
+                                  (0, 1)))
+  bounds = _gram_upper_bounds(mats, num_iterations, rtol)
+  bound = _rounding.next_up(jnp.max(bounds) + dft_error)
+  return jnp.where(jnp.all(_rounding.is_zero(kernel)), 0, bound)
 
 
 def conv_embedding(op: LinearOperator) -> tuple[jax.Array, tuple[int, int]]:
@@ -379,28 +532,37 @@ def network_upper_bound(
   linear layers: input_scale * prod_l ||op_l|| (CLL eq. 1).
 
   Returns input_scale * prod_l b_l * (1 + a)^L with b_l =
-  `operator_norm_upper_bound(op_l)` and a = `relative_float_allowance` per
-  layer, covering the float rounding of each b_l (module docstring) and of
-  the product itself (L multiplications, <= L/2 ulps).
+  `operator_norm_upper_bound(op_l)` (each a bound with its own rounding
+  included) and a = `relative_float_allowance` per layer, covering the
+  float32 rounding of input_scale and of the product itself (L
+  multiplications, <= L/2 ulps).
 
   Args:
     ops: the layers' linear operators, in order.
     input_scale: Lipschitz constant of any fixed input map (e.g. 1/std of a
-      normalisation), >= 0.
+      normalisation), finite and >= 0.
     relative_float_allowance: per-layer relative allowance, >= 0.
     num_iterations, rtol: passed to each layer bound.
 
   Returns:
-    Scalar upper bound.
+    Scalar upper bound. Eager calls raise ValueError on a bad input_scale;
+    under `jit` a traced NaN, infinite or negative one gives NaN.
   """
   if not ops:
     raise ValueError('ops must hold at least one LinearOperator, got none')
   if relative_float_allowance < 0:
     raise ValueError(
         f'relative_float_allowance must be >= 0, got {relative_float_allowance}')
-  if _validation.is_concrete(input_scale) and np.any(np.asarray(input_scale) < 0):
-    raise ValueError(f'input_scale must be >= 0, got {input_scale}')
+  if _validation.is_concrete(input_scale):
+    scale = np.asarray(input_scale, np.float64)
+    if not (np.all(np.isfinite(scale)) and np.all(scale >= 0)):
+      raise ValueError(
+          f'input_scale must be finite and >= 0, got {input_scale}')
   bound = jnp.asarray(input_scale, jnp.float32)
   for op in ops:
     bound = bound * operator_norm_upper_bound(op, num_iterations, rtol)
-  return bound * (1.0 + relative_float_allowance) ** len(ops)
+  bound = bound * (1.0 + relative_float_allowance) ** len(ops)
+  # Under jit a traced NaN, infinite or negative scale cannot raise: the bound
+  # is NaN, which certifies nothing (`cll_jax.certify`).
+  scale_ok = jnp.isfinite(input_scale) & (jnp.asarray(input_scale) >= 0)
+  return jnp.where(scale_ok, bound, jnp.nan)

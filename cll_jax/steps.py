@@ -28,6 +28,7 @@ from flax.training import train_state as flax_train_state
 
 from cll_jax import certify
 from cll_jax import data as data_lib
+from cll_jax import forward_error
 from cll_jax import layers
 from cll_jax import losses
 from cll_jax import models
@@ -236,16 +237,19 @@ def train_step(state: TrainState, batch: Batch, *, config,
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, pairwise_lipschitz: jax.Array,
+def eval_step(state: TrainState, batch: Batch, bounds: dict[str, Any],
               *, config, radii: tuple[float, ...]) -> dict[str, jax.Array]:
   """Counts over one padded batch: correct, and certified-correct per radius.
 
-  `batch['mask']` marks real examples; padded ones count nowhere.
-  `pairwise_lipschitz` is computed once per evaluation (see
-  `certification_bounds`), not per batch.
+  `batch['mask']` marks real examples; padded ones count nowhere. `bounds`
+  (pairwise K and the logits' error bound) is computed once per evaluation
+  by `certification_bounds`, not per batch. The logits are computed in
+  `forward_error.certification_dtype()` and every margin gives up their
+  rounding allowance (`cll_jax.forward_error`).
   """
   images = prepare_images(config, batch['image'], None)
-  out = state.apply_fn(state.variables, images)
+  out, margin_error = forward_error.certified_forward(
+      state.apply_fn, state.variables, images, bounds['logit_error'])
   mask = batch['mask']
   labels = batch['label']
   counts = {
@@ -253,8 +257,8 @@ def eval_step(state: TrainState, batch: Batch, pairwise_lipschitz: jax.Array,
       'correct': jnp.sum(mask * (jnp.argmax(out.logits, -1) == labels)),
   }
   for name, radius in zip(radius_names(radii), radii):
-    ok = certify.certified_correct(out.logits, labels, pairwise_lipschitz,
-                                   radius)
+    ok = certify.certified_correct(out.logits, labels, bounds['pairwise'],
+                                   radius, margin_error)
     counts[name] = jnp.sum(mask * ok)
   return counts
 
@@ -277,12 +281,19 @@ def certification_bounds(state: TrainState | dict[str, Any],
   product bound. 'power': the model's own bound (naive product or LipLT)
   from the converged power-iteration state, as in the papers; each norm is
   then an estimate from below, so the certificate is not guaranteed.
+  'logit_error': the forward pass's rounding bound from these norms
+  (`forward_error.network_logit_error`, in `certification_dtype()`).
   """
   variables = getattr(state, 'variables', state)
   if method == 'sound':
-    return models.certified_bounds(model, variables, input_shape)
-  if method == 'power':
+    bounds = models.certified_bounds(model, variables, input_shape)
+  elif method == 'power':
     out = model.apply(variables, jnp.zeros((1, *input_shape), jnp.float32))
-    return {'pairwise': out.pairwise_lipschitz,
-            'layer_norms': out.layer_norms, 'lipschitz': out.lipschitz}
-  raise ValueError(f"bound method must be 'sound' or 'power', got {method!r}")
+    bounds = {'pairwise': out.pairwise_lipschitz,
+              'layer_norms': out.layer_norms, 'lipschitz': out.lipschitz}
+  else:
+    raise ValueError(
+        f"bound method must be 'sound' or 'power', got {method!r}")
+  bounds['logit_error'] = forward_error.network_logit_error(
+      model, variables, input_shape, bounds['layer_norms'])
+  return bounds

@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cll_jax import checkpoints
 from cll_jax import data as data_lib
+from cll_jax import forward_error
 from cll_jax import losses
 from cll_jax import metrics_log
 from cll_jax import models
@@ -173,7 +174,11 @@ def evaluate(state: TrainState, dataset, config, mesh, jitted_eval,
   rounded up to a multiple of the local device count, so any
   `config.eval.batch_size` runs on any number of devices.
   `jitted_bounds(state)` gives the certification bounds, once per call.
+  Both run in `config.eval.precision` (`forward_error.precision_scope`).
   """
+  precision = config.eval.get('precision', 'float64')
+  jitted_eval = forward_error.in_precision(jitted_eval, precision)
+  jitted_bounds = forward_error.in_precision(jitted_bounds, precision)
   bounds = jitted_bounds(state)
   sharding = NamedSharding(mesh, PartitionSpec('data'))
   hosts, host = jax.process_count(), jax.process_index()
@@ -189,12 +194,12 @@ def evaluate(state: TrainState, dataset, config, mesh, jitted_eval,
       local_batch, num_batches=num_batches):
     batch = _put_global({'image': images, 'label': labels,
                          'mask': mask.astype(np.float32)}, sharding)
-    counts = jitted_eval(state, batch, bounds['pairwise'])
+    counts = jitted_eval(state, batch, bounds)
     for k, v in counts.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   count = totals.pop('count')
   metrics = {'test_accuracy': totals.pop('correct') / count,
-             'test_count': count}
+             'test_count': count, 'certification_precision': precision}
   for k, v in totals.items():
     metrics[f'test_{k}'] = v / count
   pairwise = np.asarray(bounds['pairwise'])

@@ -38,8 +38,9 @@ seed start from the same initial parameters and see the same batch order;
 the power iteration is converged after every epoch.
 
 Evaluation of every run uses the sound path: guaranteed layer bounds
-(`train.certification_bounds(..., method='sound')`) and the strict margin rule
-of `certify`. Reported: clean accuracy, training-set CRA at radius eps (the
+(`train.certification_bounds(..., method='sound')`), logits in float64 with
+their rounding bound subtracted from every margin, and the strict margin
+rule of `certify`. Reported: clean accuracy, training-set CRA at radius eps (the
 red points of the figures are the training points misclassified or not
 certified at eps), validation CRA (20,000 points), K^(f) = max_ij K_ij and
 K^(h o f) (CLL: 1 / sigma_eps(p_final), CLL sec. 3.3; GloRo: K^(f), its
@@ -74,6 +75,7 @@ import ml_collections
 import numpy as np
 
 from cll_jax import certify
+from cll_jax import forward_error
 from cll_jax import losses
 from cll_jax import sweep
 from cll_jax import train
@@ -207,9 +209,13 @@ def head_body_summary(model, input_shape: tuple[int, ...]
 
 
 def evaluate_run(spec: RunSpec, state: train.TrainState, model, dataset,
-                 steps_per_epoch: int, bounds_fn, logits_fn
+                 steps_per_epoch: int, bounds_fn, forward_fn
                  ) -> tuple[dict[str, Any], np.ndarray]:
-  """Sound-bound evaluation of one trained run.
+  """Sound-bound evaluation of one trained run, as the training loop's.
+
+  The bounds and logits are computed in float64 and every margin gives up
+  the logits' rounding bound (`cll_jax.forward_error`), as
+  `train.evaluate` does with `eval.precision='float64'`.
 
   Returns:
     The record for the results table and the `(num_train,)` boolean mask of
@@ -217,16 +223,19 @@ def evaluate_run(spec: RunSpec, state: train.TrainState, model, dataset,
   """
   c = spec.config
   eps = spec.epsilon
-  bounds = bounds_fn(state)
-  pairwise = bounds['pairwise']
-  train_logits = logits_fn(state.variables, jnp.asarray(dataset.train_images))
-  val_logits = logits_fn(state.variables, jnp.asarray(dataset.test_images))
-  train_labels = jnp.asarray(dataset.train_labels)
-  val_labels = jnp.asarray(dataset.test_labels)
-  train_ok = np.asarray(certify.certified_correct(
-      train_logits, train_labels, pairwise, eps))
-  val_counts = certify.certified_counts(val_logits, val_labels, pairwise,
-                                        (eps,))
+  with forward_error.precision_scope('float64'):
+    bounds = bounds_fn(state)
+    pairwise = bounds['pairwise']
+    (train_out, train_error), (val_out, val_error) = (
+        forward_fn(state.variables, jnp.asarray(x), bounds['logit_error'])
+        for x in (dataset.train_images, dataset.test_images))
+    train_logits, val_logits = train_out.logits, val_out.logits
+    train_labels = jnp.asarray(dataset.train_labels)
+    val_labels = jnp.asarray(dataset.test_labels)
+    train_ok = np.asarray(certify.certified_correct(
+        train_logits, train_labels, pairwise, eps, train_error))
+    val_counts = certify.certified_counts(val_logits, val_labels, pairwise,
+                                          (eps,), margin_error=val_error)
   k_f = float(np.max(np.asarray(pairwise)))
   if spec.method == 'cll':
     sched = train.loss_schedules(c, steps_per_epoch)
@@ -497,12 +506,15 @@ def _saved_epochs(epochs: int) -> np.ndarray:
 
 
 def _group_functions(config, num_classes: int, input_shape):
-  """The model of a sweep and its jitted sound bounds and logits."""
+  """The model of a sweep, its jitted sound bounds, logits (float32, for
+  the figures) and certification forward pass."""
   model = train.create_model(config, num_classes)
   bounds_fn = jax.jit(lambda st: train.certification_bounds(
       st, model, input_shape, method='sound'))
   logits_fn = jax.jit(functools.partial(_logits, model))
-  return model, bounds_fn, logits_fn
+  forward_fn = jax.jit(functools.partial(forward_error.certified_forward,
+                                         model.apply))
+  return model, bounds_fn, logits_fn, forward_fn
 
 
 def train_and_evaluate_runs(specs: Sequence[RunSpec], datasets, *,
@@ -549,7 +561,7 @@ def train_and_evaluate_runs(specs: Sequence[RunSpec], datasets, *,
       labels = [d.train_labels for d in data]
     label = method if len({k[1] for k in keys if k[0] == method}) == 1 else (
         f'{method}/{model_name}')
-    model, bounds_fn, logits_fn = _group_functions(
+    model, bounds_fn, logits_fn, forward_fn = _group_functions(
         group[0].config, data[0].num_classes, data[0].image_shape)
     summary = None if epoch_summary is None else epoch_summary(
         model, data[0].image_shape)
@@ -568,7 +580,7 @@ def train_and_evaluate_runs(specs: Sequence[RunSpec], datasets, *,
     for i, (spec, dataset) in enumerate(zip(group, data)):
       state = sweep.unstack(states, i)
       record, ok = evaluate_run(spec, state, model, dataset,
-                                sw.steps_per_epoch, bounds_fn, logits_fn)
+                                sw.steps_per_epoch, bounds_fn, forward_fn)
       record['sweep_wall_time_s'] = sweep_times[label]
       record['sweep_runs'] = len(group)
       records.append(record)

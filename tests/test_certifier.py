@@ -20,6 +20,7 @@ from PIL import Image
 from cll_jax import attacks
 from cll_jax import certifier as certifier_lib
 from cll_jax import certify
+from cll_jax import forward_error
 from cll_jax import train
 from experiments import certify as certify_cli
 from experiments import cifar10_4c3f
@@ -71,18 +72,21 @@ def test_radii_equal_the_training_path_and_survive_pgd(run):
   # The training loop's own certification path, from the checkpoint.
   model, state = train.restore_state(run['config'], run['workdir'], 4,
                                      (8, 8, 3))
-  # As the loop evaluates: jitted, from the state.
-  bounds = jax.jit(functools.partial(
-      train.certification_bounds, model=model, input_shape=(8, 8, 3),
-      method='sound'))(state)
-  logits = model.apply(state.variables, jnp.asarray(x)).logits
-  # Equal up to the float32 rounding of differently fused forward passes.
-  np.testing.assert_allclose(
-      result.radius, np.asarray(certify.certified_radius(logits,
-                                                         bounds['pairwise'])),
-      rtol=1e-6, atol=1e-7)
-  np.testing.assert_array_equal(np.asarray(c.pairwise_lipschitz),
-                                np.asarray(bounds['pairwise']))
+  # As the loop evaluates: jitted, from the state, in `eval.precision`
+  # (float64), every margin giving up the logits' rounding bound.
+  with forward_error.precision_scope('float64'):
+    bounds = jax.jit(functools.partial(
+        train.certification_bounds, model=model, input_shape=(8, 8, 3),
+        method='sound'))(state)
+    out, error = jax.jit(lambda v, z, e: forward_error.certified_forward(
+        model.apply, v, z, e))(state.variables, jnp.asarray(x),
+                               bounds['logit_error'])
+    radius = np.asarray(certify.certified_radius(out.logits,
+                                                 bounds['pairwise'], error))
+    pairwise = np.asarray(bounds['pairwise'])
+  # Equal up to the float64 rounding of differently fused forward passes.
+  np.testing.assert_allclose(result.radius, radius, rtol=1e-12, atol=1e-14)
+  np.testing.assert_array_equal(np.asarray(c.pairwise_lipschitz), pairwise)
   certified = result.radius > 0
   assert certified.sum() >= 10
   apply_fn = lambda z: c.model.apply(c.variables, z).logits

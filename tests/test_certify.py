@@ -8,6 +8,8 @@ certificate is tight, and brute-force perturbations can check it both ways.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,7 +209,210 @@ L = np.array([0])
      r'mask must have shape \(1,\)'),
     (lambda: certify.certified_accuracy(F, np.array([0, 1]), K),
      r'labels must have shape \(1,\)'),
+    (lambda: certify.is_certified(F, K, 0.1, -1.0), 'margin_error must be >= 0'),
+    (lambda: certify.is_certified(F, K, 0.1, np.nan), 'margin_error must be'),
+    (lambda: certify.certified_radius(F, K, np.ones(3)),
+     r'margin_error must be a scalar or have shape \(1,\)'),
+    (lambda: certify.is_certified(F, K, np.inf), 'epsilon must be finite'),
 ])
 def test_bad_inputs(call, msg):
   with pytest.raises(ValueError, match=msg):
     call()
+
+
+# ---------------------------------------------------------------------------
+# Directed rounding: exact-arithmetic checks with fractions.
+# ---------------------------------------------------------------------------
+
+
+def _exact(x) -> Fraction:
+  return Fraction(float(x))
+
+
+def _exactly_certified(logits, k, eps, delta=0.0) -> list[bool]:
+  """Supp. eq. 18 in exact rational arithmetic on the given numbers."""
+  out = []
+  for row, d in zip(np.asarray(logits), np.broadcast_to(delta, len(logits))):
+    c = int(np.argmax(row))
+    out.append(all(
+        _exact(row[c]) - _exact(row[j]) - _exact(d) > _exact(eps) * _exact(
+            k[c, j]) for j in range(len(row)) if j != c))
+  return out
+
+
+def _exact_radius(row, k, delta=0.0) -> Fraction:
+  c = int(np.argmax(row))
+  return max(Fraction(0), min(
+      (_exact(row[c]) - _exact(row[j]) - _exact(delta)) / _exact(k[c, j])
+      for j in range(len(row)) if j != c))
+
+
+def test_issue_example_is_refused():
+  # A 2-class linear model f = (w . x, 0) with ||w|| = K exactly: the exact
+  # margin is below eps * K by 2e-10, but float32(eps) is below eps and the
+  # float32 product used to certify it.
+  eps, k_value, margin = 0.03803647443400834, 1.641022801399231, 0.06241872161626816
+  f = np.array([[margin, 0.0]], np.float32)
+  k = np.array([[0.0, k_value], [k_value, 0.0]], np.float32)
+  assert _exact(f[0, 0]) < _exact(eps) * _exact(k[0, 1])
+  assert not bool(certify.is_certified(f, k, eps)[0])
+  assert not bool(jax.jit(lambda f, k: certify.is_certified(f, k, eps))(f, k)[0])
+  assert not bool(certify.certified_correct(f, np.array([0]), k, eps)[0])
+  counts = certify.certified_counts(f, np.array([0]), k, (eps,))
+  np.testing.assert_array_equal(counts.certified, [0])
+  radius = certify.certified_radius(f, k)[0]
+  assert _exact(radius) <= _exact(f[0, 0]) / _exact(k[0, 1])
+
+
+def _near_tie_cases(rng, count, num_classes=3):
+  """Logits, K and eps whose margins sit within a few ulps of eps * K."""
+  for _ in range(count):
+    k = np.zeros((num_classes, num_classes), np.float32)
+    iu = np.triu_indices(num_classes, 1)
+    k[iu] = (10.0 ** rng.uniform(-3, 3, size=len(iu[0]))).astype(np.float32)
+    k = k + k.T
+    eps = float(10.0 ** rng.uniform(-4, 1))  # a float64 Python radius
+    f = np.zeros((8, num_classes), np.float32)
+    for b in range(8):
+      c = rng.integers(num_classes)
+      base = np.float32(rng.normal() * 10.0 ** rng.uniform(-2, 3))
+      f[b] = base
+      for j in range(num_classes):
+        if j != c:
+          target = np.float32(base - np.float32(eps) * k[c, j])
+          f[b, j] = target + np.float32(rng.integers(-3, 4)) * np.spacing(
+              target)
+      if b == 0:
+        f[b, (c + 1) % num_classes] = base  # an exact tie
+    yield f, k, eps
+
+
+def _relative_slack(row, k, eps) -> Fraction:
+  """min_j (f_c - f_j - eps K_cj) / (eps K_cj), exactly."""
+  c = int(np.argmax(row))
+  return min((_exact(row[c]) - _exact(row[j]) - _exact(eps) * _exact(k[c, j]))
+             / (_exact(eps) * _exact(k[c, j]))
+             for j in range(len(row)) if j != c)
+
+
+def test_certificates_hold_in_exact_arithmetic_near_ties():
+  rng = np.random.default_rng(4)
+  certified = 0
+  for f, k, eps in _near_tie_cases(rng, 150):
+    got = np.asarray(certify.is_certified(f, k, eps))
+    want = _exactly_certified(f, k, eps)
+    # Rounding may refuse, never grant.
+    assert not np.any(got & ~np.asarray(want)), (f, k, eps)
+    # It refuses only within a few ulps of the threshold.
+    for row, ok in zip(f, got):
+      assert ok or _relative_slack(row, k, eps) <= Fraction(1, 2**20)
+    certified += int(np.sum(got))
+    np.testing.assert_array_equal(
+        np.asarray(certify.certified_counts(f, np.argmax(f, 1), k,
+                                            (eps,)).certified),
+        [np.sum(got)])
+    radius = np.asarray(certify.certified_radius(f, k))
+    for row, r in zip(f, radius):
+      exact = _exact_radius(row, k)
+      assert _exact(r) <= exact
+      # Rounded toward zero, a few ulps at most.
+      assert _exact(r) >= exact * (1 - Fraction(8, 2**24))
+    assert radius[0] == 0.0  # the tie
+    assert not got[0]
+  assert certified > 100  # the cases are not all refused
+
+
+def test_exact_boundary_and_representable_radii_are_exact():
+  # Margins exactly eps * K (both factors with few significant bits): never
+  # certified; radii exactly representable: returned exactly.
+  rng = np.random.default_rng(5)
+  for _ in range(200):
+    k_value = np.float32(rng.integers(1, 2**10) * 2.0 ** rng.integers(-8, 8))
+    eps = float(rng.integers(1, 2**10) * 2.0 ** rng.integers(-12, 0))
+    margin = np.float32(eps * float(k_value))
+    assert _exact(margin) == _exact(eps) * _exact(k_value)
+    f = np.array([[margin, 0.0], [0.0, margin]], np.float32)
+    k = np.array([[0.0, k_value], [k_value, 0.0]], np.float32)
+    assert not np.any(certify.is_certified(f, k, eps))
+    np.testing.assert_array_equal(certify.certified_radius(f, k), [eps, eps])
+    below = float(np.nextafter(np.float32(eps), np.float32(0.0)))
+    assert np.all(certify.is_certified(f, k, below))
+
+
+def test_margin_error_is_subtracted_soundly():
+  rng = np.random.default_rng(6)
+  for f, k, eps in _near_tie_cases(rng, 40):
+    delta = (np.float32(eps) * np.min(k[k > 0])
+             * rng.uniform(0, 0.5, size=len(f))).astype(np.float32)
+    # Shift the logits so that the margins sit near eps * K + delta.
+    top = np.argmax(f, 1)
+    f = f.copy()
+    f[np.arange(len(f)), top] += delta
+    got = np.asarray(certify.is_certified(f, k, eps, delta))
+    want = np.asarray(_exactly_certified(f, k, eps, delta))
+    assert not np.any(got & ~want)
+    radius = np.asarray(certify.certified_radius(f, k, delta))
+    for row, r, d in zip(f, radius, delta):
+      assert _exact(r) <= _exact_radius(row, k, d)
+    # delta = 0 decides like no delta; a huge delta certifies nothing.
+    np.testing.assert_array_equal(
+        certify.is_certified(f, k, eps, np.zeros(len(f))) & want,
+        certify.is_certified(f, k, eps) & want)
+    assert not np.any(certify.is_certified(f, k, 0.0, 1e30))
+
+
+def test_float64_host_logits_are_not_rounded_to_float32():
+  # Float64 margins just below eps * K that float32 rounding lifts above it.
+  rng = np.random.default_rng(7)
+  found = 0
+  for _ in range(200):
+    eps, k_value = rng.uniform(0.01, 1.0, size=2)
+    margin = eps * k_value * (1 - 1e-10)
+    if _exact(margin) >= _exact(eps) * _exact(k_value):
+      continue
+    if not np.float32(margin) > np.float32(eps) * np.float32(k_value):
+      continue  # float32 would refuse it anyway
+    found += 1
+    f = np.array([[margin, 0.0]])
+    k = np.array([[0.0, k_value], [k_value, 0.0]])
+    assert not bool(certify.is_certified(f, k, eps)[0])
+    assert not bool(certify.certified_correct(f, np.array([0]), k, eps)[0])
+    assert _exact(certify.certified_radius(f, k)[0]) <= _exact(
+        margin) / _exact(k_value)
+  assert found > 10
+
+
+def test_invalid_values_under_jit_certify_nothing():
+  f = np.array([[3.0, 0.0, 1.0], [0.0, 2.0, 0.5]], np.float32)
+  labels = np.array([0, 1])
+  k = np.array([[0, 1, 1], [1, 0, 1], [1, 1, 0]], np.float32)
+  is_cert = jax.jit(certify.is_certified)
+  radius = jax.jit(certify.certified_radius)
+  correct = jax.jit(certify.certified_correct)
+  counts = jax.jit(certify.certified_counts)
+  assert np.all(is_cert(f, k, 0.1)) and np.all(radius(f, k) > 0)
+  one_negative = k.copy()
+  one_negative[0, 2] = one_negative[2, 0] = -1.0
+  bad_k = [-k, 0 * k, one_negative,
+           np.where(np.eye(3) > 0, 0, np.nan).astype(np.float32)]
+  for kk in bad_k:
+    assert not np.any(is_cert(f, kk, 0.1))
+    assert not np.any(correct(f, labels, kk, 0.1))
+    np.testing.assert_array_equal(radius(f, kk), [0.0, 0.0])
+    np.testing.assert_array_equal(
+        counts(f, labels, kk, jnp.asarray([0.0, 0.1])).certified, [0, 0])
+  for eps in (-0.1, np.nan):
+    assert not np.any(is_cert(f, k, eps))
+    assert not np.any(correct(f, labels, k, eps))
+  np.testing.assert_array_equal(
+      counts(f, labels, k, jnp.asarray([-0.1, np.nan, 0.1])).certified,
+      [0, 0, 2])
+  for delta in (-1.0, np.nan):
+    assert not np.any(is_cert(f, k, 0.1, jnp.full(2, delta)))
+    np.testing.assert_array_equal(
+        jax.jit(certify.certified_radius)(f, k, jnp.full(2, delta)), [0, 0])
+  for bad in (np.inf, np.nan, 1e-40):  # non-finite or subnormal logits
+    ff = f.copy()
+    ff[0, 1] = bad
+    assert not bool(is_cert(ff, k, 0.1)[0]) and bool(is_cert(ff, k, 0.1)[1])
+    assert float(radius(ff, k)[0]) == 0.0

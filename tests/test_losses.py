@@ -53,6 +53,27 @@ def test_calibrated_scale_matches_eq5_in_high_precision():
   np.testing.assert_allclose(got, want, rtol=3e-6)
 
 
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+def test_calibrated_scale_within_ulps_of_50_digit_reference(dtype):
+  # eps / (ln(1 - p) - ln p) in 50-digit decimal arithmetic on the exact
+  # inputs; dense near p = 0.5, where log1p(-p) - log(p) used to cancel.
+  p_all = np.concatenate([np.logspace(-15, np.log10(0.4999), 150),
+                          0.5 - np.logspace(-4, -1, 50)]).astype(dtype)
+  eps = dtype(0.3)
+  with jax.enable_x64(dtype == np.float64):
+    got = np.asarray(jax.jit(jax.vmap(
+        lambda p: losses.calibrated_scale(eps, p)))(p_all))
+    assert got.dtype == dtype
+  with decimal.localcontext() as ctx:
+    ctx.prec = 50
+    eps_d = decimal.Decimal(float(eps))
+    for p, value in zip(p_all, got):
+      p_d = decimal.Decimal(float(p))
+      want = eps_d / ((1 - p_d).ln() - p_d.ln())
+      ulp = decimal.Decimal(float(np.spacing(dtype(float(want)))))
+      assert abs(decimal.Decimal(float(value)) - want) <= 4 * ulp, p
+
+
 def test_calibrated_scale_puts_p_at_the_margin():
   # Definition (supp. eq. 13-14): h(-eps; sigma) = p, h(+eps; sigma) = 1 - p.
   eps = 0.15
@@ -499,6 +520,39 @@ def test_bad_epsilon(eps):
                lambda: losses.gloro_trades_loss(F, Y, K3, eps, 1.0)):
     with pytest.raises(ValueError, match=r'epsilon must be > 0'):
       call()
+
+
+@pytest.mark.parametrize('epsilon, p, message', [
+    (0.1, 1e-39, r'p=1e-39 is below the smallest normal float32'),
+    (1e-46, 0.1, r'epsilon=1e-46 is below the smallest normal float32'),
+    (1e-40, 0.1, r'epsilon=1e-40 is below the smallest normal float32'),
+    (float('inf'), 0.1, r'epsilon must be finite'),
+])
+def test_values_that_flush_or_overflow_raise(epsilon, p, message):
+  for call in (lambda: losses.calibrated_scale(epsilon, p),
+               lambda: losses.multiclass_cll_loss(F, Y, K3, epsilon, p),
+               lambda: losses.binary_cll_loss(F[:, 0], Y % 2, 1.0, epsilon,
+                                              p)):
+    with pytest.raises(ValueError, match=message):
+      call()
+  # Under jit the checks cannot run: the scale is NaN, never 0 or inf.
+  value = jax.jit(losses.calibrated_scale)(jnp.float32(epsilon),
+                                           jnp.float32(p))
+  assert np.isnan(value)
+
+
+def test_infinite_delta_and_gloro_epsilon_raise():
+  with pytest.raises(ValueError, match=r'delta must be finite'):
+    losses.multiclass_cll_loss(F, Y, K3, 0.1, 0.1, delta=float('inf'))
+  with pytest.raises(ValueError, match=r'delta must be finite'):
+    losses.binary_cll_loss(F[:, 0], Y % 2, 1.0, 0.1, 0.1, delta=np.inf)
+  with pytest.raises(ValueError, match=r'epsilon must be finite'):
+    losses.gloro_loss(F, Y, K3, float('inf'))
+  with pytest.raises(ValueError, match=r'epsilon must be finite'):
+    losses.gloro_logits(F, K3, np.inf)
+  # Normal in float64: accepted there.
+  with jax.enable_x64(True):
+    assert losses.calibrated_scale(0.1, 1e-39) > 0
 
 
 def test_bad_delta_and_scalars():

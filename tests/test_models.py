@@ -427,6 +427,11 @@ def test_registry():
     models.create_model('tiny_cnn', 1)
   with pytest.raises(ValueError, match='-1'):
     models.create_model('tiny_cnn', 10, num_power_iterations=-1)
+  with pytest.raises(ValueError, match=r'input_std must be finite, got '
+                     r'\(0.2, nan, 0.2\)'):
+    models.create_model('tiny_cnn', 10, input_std=(0.2, float('nan'), 0.2))
+  with pytest.raises(ValueError, match=r'input_mean must be finite'):
+    models.create_model('tiny_cnn', 10, input_mean=(0.5, float('inf'), 0.5))
   assert models.activation_slopes(
       models.create_model('tiny_cnn', 10, activation='relu')) == (0.0, 1.0)
   assert models.activation_slopes(models.create_model('tiny_cnn', 10)) is None

@@ -16,6 +16,7 @@ import pytest
 
 from cll_jax import attacks
 from cll_jax import certify
+from cll_jax import forward_error
 from cll_jax import train
 from experiments import cifar10_4c3f
 from experiments import moons_cll
@@ -68,7 +69,7 @@ def trained_images(tmp_path_factory):
   model, state = train.restore_state(config, workdir, 4, (8, 8, 3))
   x = jnp.asarray(dataset.test_images, jnp.float32) / 255.0
   return dict(config=config, model=model, state=state, x=x,
-              input_shape=(8, 8, 3), clip=(0.0, 1.0))
+              y=dataset.test_labels, input_shape=(8, 8, 3), clip=(0.0, 1.0))
 
 
 @pytest.fixture(params=['trained_moons', 'trained_images'])
@@ -143,3 +144,60 @@ def test_network_bound_dominates_jacobian_norms(trained):
     for j in range(i + 1, n):
       grad_norm = np.linalg.norm(jac[:, i] - jac[:, j], axis=-1)
       assert np.all(grad_norm <= pairwise[i, j])
+
+
+def _certify_in(trained, precision, radii):
+  """What `train.evaluate` computes, in `precision`, per point and radius."""
+  model = trained['model']
+
+  @jax.jit
+  def run(state, x, y):
+    bounds = train.certification_bounds(state, model, trained['input_shape'],
+                                        'sound')
+    out, margin_error = forward_error.certified_forward(
+        state.apply_fn, state.variables, x, bounds['logit_error'])
+    certified = jnp.stack([certify.certified_correct(
+        out.logits, y, bounds['pairwise'], r, margin_error) for r in radii])
+    return out.logits, margin_error, bounds['pairwise'], certified
+
+  with forward_error.precision_scope(precision):
+    logits, margin_error, pairwise, certified = run(
+        trained['state'], trained['x'], jnp.asarray(trained['y']))
+  return dict(logits=np.asarray(logits, np.float64),
+              margin_error=np.asarray(margin_error, np.float64),
+              pairwise=np.asarray(pairwise, np.float64),
+              certified=np.asarray(certified))
+
+
+def test_float64_and_float32_certification_agree_within_allowance(
+    trained_images):
+  # The conv net (the moons MLP adds compile time and nothing new).
+  trained = trained_images
+  eps = trained['config'].loss.epsilon
+  radii = (0.25 * eps, 0.5 * eps, eps)
+  f64 = _certify_in(trained, 'float64', radii)
+  f32 = _certify_in(trained, 'float32', radii)
+  # The float32 margins are within the float32 bound of the float64 ones
+  # (which are within theirs of the exact margins).
+  diff = f32['logits'] - f64['logits']
+  deviation = diff.max(axis=1) - diff.min(axis=1)
+  assert np.all(deviation <= f32['margin_error'] + f64['margin_error'])
+  # A point may change only where its float64 margin is within the
+  # allowances (and the gap of the two K bounds) of eps * K; the CRAs then
+  # differ by at most the fraction of such points.
+  top = np.argmax(f64['logits'], axis=1)
+  rows = np.arange(len(top))
+  margins = f64['logits'][rows, top][:, None] - f64['logits']
+  not_top = np.arange(margins.shape[1])[None, :] != top[:, None]
+  k64, k32 = f64['pairwise'][top], f32['pairwise'][top]
+  for i, r in enumerate(radii):
+    slack = np.min(np.where(not_top, margins - r * k64, np.inf), axis=1)
+    band = (f32['margin_error'] + f64['margin_error'] + deviation
+            + r * np.max(np.abs(k32 - k64), axis=1)
+            + 1e-6 * (np.abs(margins).max(axis=1) + r * k64.max(axis=1)))
+    changed = f64['certified'][i] != f32['certified'][i]
+    assert np.all(np.abs(slack[changed]) <= band[changed])
+    near = np.abs(slack) <= band
+    assert abs(int(f64['certified'][i].sum())
+               - int(f32['certified'][i].sum())) <= int(near.sum())
+  assert f64['certified'][0].sum() >= 10  # not vacuous

@@ -73,6 +73,9 @@ def test_end_to_end_moons_reports_certified_numbers_from_certify_path(tmp_path):
     certified += ok
   assert final[radius_key] == pytest.approx(certified / len(labels), abs=1e-3)
 
+  # The report says which arithmetic certified.
+  assert final['certification_precision'] == 'float64'
+
 
 @pytest.mark.parametrize('field, value, message', [
     ('model.name', 'resnet9000', 'model.name'),
@@ -88,6 +91,13 @@ def test_end_to_end_moons_reports_certified_numbers_from_certify_path(tmp_path):
     ('eval.bound', 'guess', 'eval.bound'),
     ('loss.gloro_variant', 'offical', 'loss.gloro_variant'),
     ('loss.gloro_variant', 'official', 'loss.gloro_variant'),  # with CLL
+    ('eval.precision', 'float16', 'eval.precision'),
+    ('model.input_std', (0.2, float('nan'), 0.2), 'model.input_std'),
+    ('loss.epsilon', float('inf'), 'loss.epsilon=inf'),
+    ('loss.epsilon', 1e-46, 'loss.epsilon=1e-46'),
+    ('loss.p_start', 1e-39, 'loss.p_start=1e-39'),
+    ('loss.delta', float('inf'), 'loss.delta=inf'),
+    ('eval.radii', (0.1, float('inf')), 'eval.radii'),
 ])
 def test_invalid_config_fails_before_training(tmp_path, field, value, message):
   config = tiny_moons_config()

@@ -11,6 +11,9 @@ dataclass: what the layer is) and a Flax *module* (how it computes):
   weights at `precision=HIGHEST` and rounded up, for the eval-mode layer
   (the one certification runs). It is what certificates use, never the
   training value.
+* `spec.rounding_step(...)`: how the layer's float rounding in the
+  certification forward pass grows the logits' error bound
+  (`cll_jax.forward_error`), so that margins can give it up.
 * `spec.bound_kind`: how that proof goes. `PROVEN`: by construction (an
   orthogonal map, a series with a bounded remainder, ...); the certified
   bound follows from the construction plus sound bounds of the few norms it
@@ -105,6 +108,12 @@ class LayerSpec(Protocol):
       self, params: dict[str, Any],
       input_shape: tuple[int, ...]) -> dict[str, LinearOperator]:
     """The operator of each power-iteration vector, by variable name."""
+
+  def rounding_step(self, variables: dict[str, Any],
+                    input_shape: tuple[int, ...], forms, norm, *, dtype,
+                    forward_dtype):
+    """Propagates the forward pass's rounding bounds (X, E) through the
+    eval-mode layer (`cll_jax.forward_error`)."""
 
 
 def round_up(x: jax.Array, relative: float) -> jax.Array:

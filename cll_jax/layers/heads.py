@@ -72,6 +72,11 @@ class DenseHead:
     """(N, N) exact ||w_i - w_j||, zero diagonal."""
     return lipschitz.pairwise_column_distances(self.class_vectors(params))
 
+  def class_vector_error(self, dim: int, forward_dtype) -> float:
+    """Bound of ||w^_i - w_i|| of the forward pass's class vectors."""
+    del dim, forward_dtype
+    return 0.0  # the stored kernel itself
+
   def operator(self, params) -> LinearOperator:
     vectors = self.class_vectors(params)
     return LinearOperator(vectors, 'dense', (vectors.shape[0],),
@@ -93,6 +98,11 @@ class LLNHead(DenseHead):
 
   def class_vectors(self, params) -> jax.Array:
     return normalized_columns(params['kernel'])
+
+  def class_vector_error(self, dim: int, forward_dtype) -> float:
+    # w / ||w||: a sum of dim squares, a square root and a division.
+    from cll_jax import _rounding  # pylint: disable=g-import-not-at-top
+    return _rounding.gamma(dim + 4, forward_dtype)
 
 
 HEADS = {'dense': DenseHead(), 'lln': LLNHead()}

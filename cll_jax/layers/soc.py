@@ -307,6 +307,19 @@ class SOCConvSpec:
   def power_iteration_operators(self, params, input_shape):
     return {'u': self.operator(params, input_shape)}
 
+  def rounding_step(self, variables, input_shape, forms, norm, *, dtype,
+                    forward_dtype):
+    """The eval forward pass's rounding error (`forward_error.soc_step`)."""
+    del norm  # the series' own bound enters through a
+    from cll_jax import forward_error  # pylint: disable=g-import-not-at-top
+    params = variables['params']
+    op = self.operator(params, input_shape)
+    positions = math.prod(self.output_shape(input_shape)[:-1])
+    return forward_error.soc_step(
+        op, variables[base.POWER_ITERATION]['u'], self.max_norm,
+        self.terms_eval, params.get('bias'), positions, forms, dtype=dtype,
+        forward_dtype=forward_dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class SOCDenseSpec:
@@ -349,4 +362,17 @@ class SOCDenseSpec:
 
   def power_iteration_operators(self, params, input_shape):
     return {'u': self.operator(params, input_shape)}
+
+  def rounding_step(self, variables, input_shape, forms, norm, *, dtype,
+                    forward_dtype):
+    """The eval forward pass's rounding error (`forward_error.soc_step`)."""
+    del norm  # the series' own bound enters through a
+    from cll_jax import forward_error  # pylint: disable=g-import-not-at-top
+    params = variables['params']
+    op = self.operator(params, input_shape)
+    positions = math.prod(self.output_shape(input_shape)[:-1])
+    return forward_error.soc_step(
+        op, variables[base.POWER_ITERATION]['u'], self.max_norm,
+        self.terms_eval, params.get('bias'), positions, forms, dtype=dtype,
+        forward_dtype=forward_dtype)
 

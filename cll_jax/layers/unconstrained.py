@@ -128,6 +128,15 @@ class Conv:
   def power_iteration_operators(self, params, input_shape):
     return {'u': self.operator(params, input_shape)}
 
+  def rounding_step(self, variables, input_shape, forms, norm, *, dtype,
+                    forward_dtype):
+    """The forward pass's rounding error (`forward_error.linear_step`)."""
+    from cll_jax import forward_error  # pylint: disable=g-import-not-at-top
+    params = variables['params']
+    return forward_error.linear_step(
+        self.operator(params, input_shape), params.get('bias'), norm, forms,
+        dtype=dtype, forward_dtype=forward_dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class Dense:
@@ -155,3 +164,12 @@ class Dense:
 
   def power_iteration_operators(self, params, input_shape):
     return {'u': self.operator(params, input_shape)}
+
+  def rounding_step(self, variables, input_shape, forms, norm, *, dtype,
+                    forward_dtype):
+    """The forward pass's rounding error (`forward_error.linear_step`)."""
+    from cll_jax import forward_error  # pylint: disable=g-import-not-at-top
+    params = variables['params']
+    return forward_error.linear_step(
+        self.operator(params, input_shape), params.get('bias'), norm, forms,
+        dtype=dtype, forward_dtype=forward_dtype)
