@@ -58,6 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.offset = 'two_sided'
   c.loss.p_start = 0.15  # Slack p at step 0 (CLL eq. 5 / supp. eq. 17).
   c.loss.p_end = 0.15  # Slack p after annealing.
+  # What p_start / p_end mean: 'paper', the p of CLL eq. 5 in (0, 0.5); or
+  # 'code', the official code's p_code = 2 p in (0, 1) (its width
+  # logit(1 - p/2) - logit(p/2); fig. 5's p up to 0.8, table D5, Tiny-ImageNet).
+  c.loss.p_convention = 'paper'
   c.loss.p_gamma = 1.0  # Annealing power gamma of supp. eq. 17.
   c.loss.lam = 1e-4  # lambda of the lambda * K^2 regulariser (eq. 3).
   c.loss.detach_lipschitz = True  # CLL: no loss gradient through K.
@@ -70,6 +74,9 @@ def default_config() -> ml_collections.ConfigDict:
   # body factor P h / stop_gradient(h) also carries the head's gradient;
   # only to reproduce CLL fig. 4 with that code, see `losses.gloro_loss`).
   c.loss.gloro_variant = 'faithful'
+  # GloRo's fixed temperature scaling s = 1 / T of CLL supp. D.1 (fig. D4c):
+  # the loss is L_GloRo(y; h(s f(x))). 1 is GloRo's own loss.
+  c.loss.gloro_logit_scale = 1.0
   c.loss.trades_beta_start = 0.5  # GloRo-TRADES factor, linear ramp start.
   c.loss.trades_beta_end = 20.0  # ... and end (reached after the epochs:)
   c.loss.trades_beta_epochs = 400
