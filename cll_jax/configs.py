@@ -190,6 +190,35 @@ def set_cifar10_source(c: ml_collections.ConfigDict, source: str) -> None:
     raise ValueError(f"data must be 'tfds' or 'offline', got {source!r}")
 
 
+def shorten_schedule(c: ml_collections.ConfigDict, epochs: int) -> None:
+  """Trains `epochs` epochs, every epoch-based schedule scaled to match.
+
+  The learning-rate decays, GloRo's eps ramp, the slack annealing (when it
+  has its own length) and the TRADES ramp (of loss 'gloro_trades') are
+  scaled by `epochs / c.train.num_epochs` (at least 1 epoch each), so a run
+  follows the paper's schedule in miniature; evaluation stays at its
+  period and always runs after the last epoch.
+
+  Raises:
+    ValueError: `epochs` < 1.
+  """
+  if not isinstance(epochs, int) or epochs < 1:
+    raise ValueError(f'epochs must be an integer >= 1, got {epochs!r}')
+  scale = epochs / c.train.num_epochs
+
+  def scaled(e):
+    return max(1, round(e * scale))
+
+  c.optimizer.decay_epochs = tuple(scaled(e) for e in c.optimizer.decay_epochs)
+  if c.loss.epsilon_schedule_epochs:
+    c.loss.epsilon_schedule_epochs = scaled(c.loss.epsilon_schedule_epochs)
+  if c.loss.get('p_anneal_epochs'):
+    c.loss.p_anneal_epochs = scaled(c.loss.p_anneal_epochs)
+  if c.loss.name == 'gloro_trades':
+    c.loss.trades_beta_epochs = scaled(c.loss.trades_beta_epochs)
+  c.train.num_epochs = epochs
+
+
 def make_tiny(c: ml_collections.ConfigDict, epochs: int = 2) -> None:
   """Shrinks a config to a local smoke run of a minute or two on CPU."""
   c.train.num_epochs = epochs
