@@ -32,17 +32,12 @@ into benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from cll_jax import attacks
 from cll_jax import configs
+from cll_jax import tightness as tightness_lib
 from cll_jax import train
 from experiments import cifar10_4c3f
 from experiments import cifar10_4c3f_gloro
@@ -91,46 +86,19 @@ def make_config(method: str, epochs: int | None, tiny: bool,
     config.data.augment.enabled = False
     return config
   if epochs is not None and epochs != config.train.num_epochs:
-    scale = epochs / config.train.num_epochs
-    config.optimizer.decay_epochs = tuple(
-        max(1, round(e * scale)) for e in config.optimizer.decay_epochs)
-    if config.loss.epsilon_schedule_epochs:
-      config.loss.epsilon_schedule_epochs = max(
-          1, round(config.loss.epsilon_schedule_epochs * scale))
-    config.train.num_epochs = epochs
+    configs.shorten_schedule(config, epochs)
     config.train.eval_every_epochs = epochs
   return config
-
-
-def _restore_state(config, workdir: str):
-  """The trained state from `workdir`'s last checkpoint (and its model)."""
-  dataset = train.load_dataset(config)
-  _, state = train.restore_state(config, workdir, dataset.num_classes,
-                                 dataset.train_images.shape[1:])
-  return state, dataset
 
 
 def tightness(config, workdir: str, upper: float, pairs: int, steps: int,
               seed: int = 0) -> dict:
   """K_lobo on `pairs` training pairs x `steps` Adam steps, and K_lobo/K^f."""
-  state, dataset = _restore_state(config, workdir)
-  # Loaders group examples by class: draw the pool at random.
-  pool = np.random.default_rng(seed).permutation(
-      len(dataset.train_images))[:max(4 * pairs, 2)]
-  images = jnp.asarray(dataset.train_images[pool], jnp.float32) / 255.0
-  x1, x2 = attacks.sample_pairs(images, pairs, jax.random.PRNGKey(seed))
-
-  def logits(x):
-    return state.apply_fn(state.variables, x).logits
-
-  start = time.time()
-  lower, _ = jax.jit(functools.partial(
-      attacks.empirical_lipschitz_lower_bound, logits, num_steps=steps))(
-          x1, x2)
-  lower = float(lower)
-  return {'lipschitz_lower': lower, 'tightness': lower / upper,
-          'tightness_pairs': pairs, 'tightness_steps': steps,
-          'tightness_seconds': time.time() - start}
+  row = tightness_lib.measure_tightness(config, workdir, upper, pairs=pairs,
+                                        steps=steps, seed=seed)
+  return {k: row[k] for k in ('lipschitz_lower', 'tightness',
+                              'tightness_pairs', 'tightness_steps',
+                              'tightness_seconds')}
 
 
 def run_method(method: str, workdir: str, epochs: int | None, tiny: bool,

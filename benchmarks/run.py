@@ -35,6 +35,9 @@ from benchmarks import tightness
 from benchmarks import train_step
 
 MOONS_JSON = os.path.join(REPO, 'results', 'moons', 'moons_results.json')
+# `python -m experiments.study --output_dir=results/studies/<name>` outputs,
+# each with an optional hand-written `comparison.md` (against the paper).
+STUDIES_DIR = os.path.join(REPO, 'results', 'studies')
 # Load averages above this (on `os.cpu_count()` cores) mark numbers
 # provisional.
 BUSY_LOAD_PER_CORE = 1.25
@@ -341,6 +344,43 @@ def _section_quality() -> list[str]:
       quality.markdown_table(rows)]
 
 
+def _study_body(lines: list[str], folder: str) -> list[str]:
+  """A study's markdown lines with figure links made report-relative.
+
+  The report lives in benchmarks/, the study's files in `folder`.
+  """
+  rel = os.path.relpath(folder, os.path.join(REPO, 'benchmarks'))
+  out = []
+  for line in lines:
+    if line.startswith('![') and line.endswith(')') and '](' in line:
+      alt, target = line[2:-1].split('](', 1)
+      line = f'![{alt}]({rel}/{target})'
+    out.append(line)
+  return out
+
+
+def _section_studies() -> list[str]:
+  out = ['## 8. Analysis studies of the CLL paper (`experiments.study`)', '']
+  names = sorted(n for n in os.listdir(STUDIES_DIR)
+                 if os.path.exists(os.path.join(STUDIES_DIR, n, f'{n}.md'))
+                 ) if os.path.isdir(STUDIES_DIR) else []
+  if not names:
+    return out + ['No study results yet: run e.g. `python -m '
+                  'experiments.study --study=slack --output_dir='
+                  'results/studies/slack`, then this script.']
+  for name in names:
+    folder = os.path.join(STUDIES_DIR, name)
+    with open(os.path.join(folder, f'{name}.md')) as f:
+      lines = f.read().splitlines()
+    title = lines[0].lstrip('# ').strip()  # the title becomes a subsection
+    out += [f'### {title}'] + _study_body(lines[1:], folder) + ['']
+    comparison = os.path.join(folder, 'comparison.md')
+    if os.path.exists(comparison):
+      with open(comparison) as f:
+        out += [f.read().strip(), '']
+  return out
+
+
 def _safe(name, fn, errors):
   try:
     return fn()
@@ -455,6 +495,7 @@ def run(tiny: bool = False, repeats: int | None = None,
   sections += _section_moons() + ['']
   sections += _section_quality() + ['']
   sections += _section_quality_lipconv() + ['']
+  sections += _section_studies() + ['']
   if errors:
     sections += ['## Errors', ''] + [f'```\n{e}\n```' for e in errors]
   text = '\n'.join(head + sections)

@@ -104,9 +104,19 @@ def validate_config(config: ml_collections.ConfigDict,
   if l.epsilon_schedule not in ('fixed', 'logarithmic'):
     _fail('loss.epsilon_schedule', l.epsilon_schedule,
           "must be 'fixed' or 'logarithmic'")
+  convention = l.get('p_convention', 'paper')
+  if convention not in objectives.P_CONVENTIONS:
+    _fail('loss.p_convention', convention,
+          f'known: {tuple(objectives.P_CONVENTIONS)}')
+  p_high = 0.5 / objectives.P_CONVENTIONS[convention]
   for key in ('p_start', 'p_end'):
-    if not 0 < l[key] < 0.5:
-      _fail(f'loss.{key}', l[key], 'slack p must lie in (0, 0.5)')
+    if not 0 < l[key] < p_high:
+      why = (f'slack p must lie in (0, {p_high:g}) with '
+             f'loss.p_convention={convention!r}')
+      if convention == 'paper':
+        why += ("; set loss.p_convention='code' for the official code's "
+                'p_code = 2 p in (0, 1)')
+      _fail(f'loss.{key}', l[key], why)
   # Training runs in float32, which flushes subnormals to 0.
   for key in ('epsilon', 'p_start', 'p_end'):
     if l[key] < _FLOAT32_TINY:
@@ -127,6 +137,12 @@ def validate_config(config: ml_collections.ConfigDict,
       # The head factor is read off K_ij = P ||w_i - w_j|| (naive bound).
       _fail('loss.gloro_variant', variant,
             f"needs model.bound='naive', got {m.bound!r}")
+  scale = l.get('gloro_logit_scale', 1.0)
+  if not (math.isfinite(scale) and scale > 0):
+    _fail('loss.gloro_logit_scale', scale, 'must be finite and > 0')
+  if scale != 1 and l.name != 'gloro':
+    _fail('loss.gloro_logit_scale', scale,
+          f"applies to loss.name='gloro' only, loss.name is {l.name!r}")
   if l.lam < 0:
     _fail('loss.lam', l.lam, 'must be >= 0')
   if not l.lipschitz_scale_start > 0:

@@ -70,6 +70,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.offset = 'two_sided'
   c.loss.p_start = 0.15  # Slack p at step 0 (CLL eq. 5 / supp. eq. 17).
   c.loss.p_end = 0.15  # Slack p after annealing.
+  # What p_start / p_end mean: 'paper', the p of CLL eq. 5 in (0, 0.5); or
+  # 'code', the official code's p_code = 2 p in (0, 1) (its width
+  # logit(1 - p/2) - logit(p/2); fig. 5's p up to 0.8, table D5, Tiny-ImageNet).
+  c.loss.p_convention = 'paper'
   c.loss.p_gamma = 1.0  # Annealing power gamma of supp. eq. 17.
   c.loss.lam = 1e-4  # lambda of the lambda * K^2 regulariser (eq. 3).
   c.loss.detach_lipschitz = True  # CLL: no loss gradient through K.
@@ -82,6 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
   # body factor P h / stop_gradient(h) also carries the head's gradient;
   # only to reproduce CLL fig. 4 with that code, see `losses.gloro_loss`).
   c.loss.gloro_variant = 'faithful'
+  # GloRo's fixed temperature scaling s = 1 / T of CLL supp. D.1 (fig. D4c):
+  # the loss is L_GloRo(y; h(s f(x))). 1 is GloRo's own loss.
+  c.loss.gloro_logit_scale = 1.0
   c.loss.trades_beta_start = 0.5  # GloRo-TRADES factor, linear ramp start.
   c.loss.trades_beta_end = 20.0  # ... and end (reached after the epochs:)
   c.loss.trades_beta_epochs = 400
@@ -205,6 +212,35 @@ def set_cifar10_source(c: ml_collections.ConfigDict, source: str) -> None:
     c.data.kwargs.root = shared_dataset('cifar10_jpeg.tar.gz')
   else:
     raise ValueError(f"data must be 'tfds' or 'offline', got {source!r}")
+
+
+def shorten_schedule(c: ml_collections.ConfigDict, epochs: int) -> None:
+  """Trains `epochs` epochs, every epoch-based schedule scaled to match.
+
+  The learning-rate decays, GloRo's eps ramp, the slack annealing (when it
+  has its own length) and the TRADES ramp (of loss 'gloro_trades') are
+  scaled by `epochs / c.train.num_epochs` (at least 1 epoch each), so a run
+  follows the paper's schedule in miniature; evaluation stays at its
+  period and always runs after the last epoch.
+
+  Raises:
+    ValueError: `epochs` < 1.
+  """
+  if not isinstance(epochs, int) or epochs < 1:
+    raise ValueError(f'epochs must be an integer >= 1, got {epochs!r}')
+  scale = epochs / c.train.num_epochs
+
+  def scaled(e):
+    return max(1, round(e * scale))
+
+  c.optimizer.decay_epochs = tuple(scaled(e) for e in c.optimizer.decay_epochs)
+  if c.loss.epsilon_schedule_epochs:
+    c.loss.epsilon_schedule_epochs = scaled(c.loss.epsilon_schedule_epochs)
+  if c.loss.get('p_anneal_epochs'):
+    c.loss.p_anneal_epochs = scaled(c.loss.p_anneal_epochs)
+  if c.loss.name == 'gloro_trades':
+    c.loss.trades_beta_epochs = scaled(c.loss.trades_beta_epochs)
+  c.train.num_epochs = epochs
 
 
 def make_tiny(c: ml_collections.ConfigDict, epochs: int = 2) -> None:

@@ -213,7 +213,8 @@ def calibrated_scale(epsilon: ArrayLike, p: ArrayLike) -> Array:
   Note on `p` in the official code: some of its experiments compute the width
   as `logit(1 - p/2) - logit(p/2)`, i.e. its `p_code` is the total mass
   outside the margin on both sides, and `p_paper = p_code / 2`. To reproduce
-  such a setting pass `p = p_code / 2` here.
+  such a setting pass `p = p_code / 2` here; training configs take p_code
+  directly with `config.loss.p_convention = 'code'`.
 
   Args:
     epsilon: margin half-width (input-space L2 radius), scalar > 0, finite,
@@ -474,14 +475,20 @@ def gloro_loss(
     pairwise_lipschitz: Array,
     epsilon: ArrayLike,
     head_lipschitz: ArrayLike | None = None,
+    logit_scale: ArrayLike = 1.0,
 ) -> Array:
   r"""GloRo cross-entropy over the N + 1 logits `[f, f_bot]`.
 
   .. math::
-    \ell = -\log \mathrm{softmax}([f, f_\bot])_y,
+    \ell = -\log \mathrm{softmax}\bigl(s\,[f, f_\bot]\bigr)_y,
 
   computed stably (see `multiclass_cll_loss`). The label is never the
-  bottom class.
+  bottom class. `logit_scale` s = 1 / T (default 1, GloRo's loss) is the
+  fixed temperature scaling of CLL supp. D.1 (fig. D4c),
+  `L_GloRo(y; h(s f(x)))`: f_bot is built from the unscaled f and K, then
+  all N + 1 logits are scaled, so the robust prediction (and the
+  certificate) does not depend on s; only the loss's softmax sharpens.
+  The loss's own Lipschitz constant becomes `s K^(f)`.
 
   The default (`head_lipschitz=None`) is the loss as GloRo (Leino et al.
   2021) defines it: the gradient of K flows as K was built, e.g. for the
@@ -514,14 +521,21 @@ def gloro_loss(
     head_lipschitz: `None` (GloRo's loss), or for the official code's
       variant the head's Lipschitz factor h, a scalar > 0 carrying its
       gradient (`train.gloro_head_lipschitz` computes the official code's).
+    logit_scale: the temperature factor s = 1 / T > 0, a scalar.
 
   Returns:
     `(B,)` per-example losses.
   """
   _gloro_check(logits, labels, pairwise_lipschitz, epsilon, head_lipschitz)
+  _check_scalar('logit_scale', logit_scale)
+  _validation.check_finite('logit_scale', logit_scale)
+  _validation.check_positive('logit_scale', logit_scale)
   robust = gloro_logits(
       logits, _official_variant_k(pairwise_lipschitz, head_lipschitz),
       epsilon)
+  if not (isinstance(logit_scale, (int, float)) and logit_scale == 1):
+    # A literal 1 adds no op, so s = 1 compiles to GloRo's own program.
+    robust = logit_scale * robust
   return _label_nll(robust, labels)
 
 

@@ -56,12 +56,25 @@ class LossSchedules:
   soc_gamma: Any = flax.struct.field(pytree_node=False)
 
 
+# `config.loss.p_convention`: the factor from the configured p to the p of
+# CLL eq. 5. 'paper': p itself, in (0, 0.5); 'code': the official code's
+# p_code = 2 p, the mass outside the margin on both sides, in (0, 1) (see
+# `losses.calibrated_scale`).
+P_CONVENTIONS = {'paper': 1.0, 'code': 0.5}
+
+
+def paper_p(loss_config, p: float) -> float:
+  """The configured slack `p` as the p of CLL eq. 5 (`P_CONVENTIONS`)."""
+  return p * P_CONVENTIONS[loss_config.get('p_convention', 'paper')]
+
+
 def loss_schedules(config, steps_per_epoch: int) -> LossSchedules:
+  """The step schedules of `config.loss`; the slack is the p of CLL eq. 5."""
   loss = config.loss
   total = config.train.num_epochs * steps_per_epoch
   return LossSchedules(
       slack=schedules.polynomial_anneal(
-          loss.p_start, loss.p_end, loss.p_gamma,
+          paper_p(loss, loss.p_start), paper_p(loss, loss.p_end), loss.p_gamma,
           loss.get('p_anneal_epochs', config.train.num_epochs)
           * steps_per_epoch),
       lipschitz_scale=schedules.polynomial_anneal(
@@ -138,7 +151,8 @@ def _gloro(cfg, sched, out, labels, step, epoch):
   epsilon = sched.epsilon(step)
   pairwise = training_pairwise(cfg, sched, out, step)
   return (losses.gloro_loss(out.logits, labels, pairwise, epsilon,
-                            gloro_head_lipschitz(cfg, out)),
+                            gloro_head_lipschitz(cfg, out),
+                            logit_scale=cfg.get('gloro_logit_scale', 1.0)),
           {'epsilon': epsilon})
 
 

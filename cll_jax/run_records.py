@@ -138,6 +138,20 @@ def _describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
                    for field, (a, b) in changes.items())
 
 
+def _without_new_defaults(changes: dict[str, tuple[Any, Any]]
+                          ) -> dict[str, tuple[Any, Any]]:
+  """Drops fields the stored run predates that are at their default now.
+
+  A config field added to the library after a run was trained (absent from
+  its `config.json`) changes nothing when it holds the default, which is the
+  behaviour the run was trained with.
+  """
+  from cll_jax import configs  # pylint: disable=g-import-not-at-top
+  defaults = flatten(config_to_dict(configs.default_config()))
+  return {f: (a, b) for f, (a, b) in changes.items()
+          if not (a == '<absent>' and f in defaults and b == defaults[f])}
+
+
 def check_resume(workdir: str, config: ml_collections.ConfigDict, *,
                  allow_changes: bool = False) -> dict[str, tuple[Any, Any]]:
   """Compares `config` with the config stored in `workdir`.
@@ -152,7 +166,9 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, *,
 
   Returns:
     Every changed field (free or allowed), `{field: (stored, current)}`; empty
-    for an unchanged config or a workdir without `config.json`.
+    for an unchanged config or a workdir without `config.json`. A field the
+    stored config lacks (added to the library later) counts only when it
+    differs from its default.
 
   Raises:
     ConfigChangeError: a field outside `FREE_FIELDS` changed and
@@ -162,7 +178,8 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, *,
   stored = read_json(workdir, CONFIG_FILE)
   if stored is None:
     return {}
-  changes = config_changes(stored, config_to_dict(config))
+  changes = _without_new_defaults(config_changes(stored,
+                                                 config_to_dict(config)))
   guarded = {f: v for f, v in changes.items() if not _is_free(f)}
   if guarded and not allow_changes:
     raise ConfigChangeError(

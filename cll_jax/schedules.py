@@ -30,8 +30,11 @@ def polynomial_anneal(start: float, end: float, gamma: float,
   Used for the slack p (two-moons: 1e-3 -> 1e-12, gamma = 50) and for the
   Lipschitz-scale warm-up beta on Tiny-ImageNet (0.01 -> 1, gamma = 10).
   Constant `end` after step T. optax's polynomial schedule is exactly this
-  formula.
+  formula; `start == end` gives the constant itself, whose compiled step
+  does not depend on T (so runs of other lengths share it).
   """
+  if start == end:
+    return optax.constant_schedule(end)
   return optax.polynomial_schedule(
       init_value=start, end_value=end, power=gamma,
       transition_steps=max(int(total_steps), 1))

@@ -45,7 +45,8 @@ from cll_jax import train
 
 # Config fields (dotted paths) in which the runs of one sweep may differ.
 SWEEP_FIELDS = ('loss.epsilon', 'loss.p_start', 'loss.p_end', 'loss.p_gamma',
-                'loss.soc_gamma', 'eval.radii', 'seed', 'data.kwargs.seed')
+                'loss.soc_gamma', 'loss.p_convention', 'eval.radii', 'seed',
+                'data.kwargs.seed')
 
 
 def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:

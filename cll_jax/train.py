@@ -210,12 +210,19 @@ def evaluate(state: TrainState, dataset, config, mesh, jitted_eval,
   return metrics
 
 
-def lipschitz_hf(config, sched, step) -> float | None:
-  """K^(h o f) of CLL: 1 / sigma_eps(p) at the current slack (sec. 3.3)."""
-  if config.loss.name != 'cll':
-    return None
-  p_now = float(sched.slack(step))
-  return float(1.0 / losses.calibrated_scale(config.loss.epsilon, p_now))
+def lipschitz_hf(config, sched, step, lipschitz_f: float) -> float:
+  """K^(h o f), the Lipschitz constant of the loss's softmax input.
+
+  CLL: 1 / sigma_eps(p) at the current slack (sec. 3.3), whatever K^(f).
+  GloRo with logit scale s (supp. D.1): s K^(f). Other losses apply a
+  unit-scale softmax to f: K^(f).
+  """
+  if config.loss.name == 'cll':
+    p_now = float(sched.slack(step))
+    return float(1.0 / losses.calibrated_scale(config.loss.epsilon, p_now))
+  if config.loss.name == 'gloro':
+    return config.loss.get('gloro_logit_scale', 1.0) * lipschitz_f
+  return lipschitz_f
 
 
 # --------------------------------------------------------------------------
@@ -389,9 +396,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  f'({config.eval.bound} bounds)')
     record = evaluate(state, dataset, config, mesh, jitted_eval,
                       jitted_bounds)
-    hf = lipschitz_hf(config, sched, state.step)
-    # Other losses apply a fixed-scale softmax to f: K^(h o f) = K^(f).
-    record['lipschitz_hf'] = record['lipschitz_f'] if hf is None else hf
+    record['lipschitz_hf'] = lipschitz_hf(config, sched, state.step,
+                                          record['lipschitz_f'])
     return record
 
   manager = checkpoints.manager(workdir, config.train.checkpoints_to_keep)

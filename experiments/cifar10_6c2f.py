@@ -4,8 +4,8 @@ r"""CIFAR-10, 6C2F, CLL (CLL paper table 2 and table B4).
       --workdir=/tmp/cifar10_6c2f
   python -m experiments.main --config=experiments/cifar10_6c2f.py:data=offline,tiny
 
-Arguments: data ('tfds' or 'offline'), p (paper 0.15), eps (paper 0.15),
-tiny.
+Arguments: data ('tfds' or 'offline'), p (paper 0.15), p_convention
+('paper' or 'code', see `cifar10_4c3f`), eps (paper 0.15), tiny.
 """
 
 from experiments import cifar10_4c3f

@@ -162,3 +162,20 @@ def test_constrained_step_benchmark_tiny():
   assert rows[1]['parameters'] > rows[0]['parameters']
   lines = run_lib._section_constrained(rows)  # pylint: disable=protected-access
   assert any(line.startswith('| lipconv20 |') for line in lines)
+
+
+def test_studies_section_embeds_each_study_and_its_comparison(tmp_path,
+                                                              monkeypatch):
+  folder = tmp_path / 'slack'
+  folder.mkdir()
+  (folder / 'slack.md').write_text(
+      '# Study `slack`: slack p\n\n* commit: abc\n\n| p | CRA |\n|---|---|\n'
+      '\n![slack.png](slack.png)\n')
+  (folder / 'comparison.md').write_text('Shape as in the paper.\n')
+  monkeypatch.setattr(run_lib, 'STUDIES_DIR', str(tmp_path))
+  text = '\n'.join(run_lib._section_studies())  # pylint: disable=protected-access
+  assert '### Study `slack`: slack p' in text
+  assert '# Study' not in text.replace('### Study', '')
+  rel = os.path.relpath(str(folder), os.path.join(run_lib.REPO, 'benchmarks'))
+  assert f'![slack.png]({rel}/slack.png)' in text
+  assert text.index('| p | CRA |') < text.index('Shape as in the paper.')

@@ -295,6 +295,30 @@ def test_gloro_loss_vs_numpy():
   np.testing.assert_allclose(losses.gloro_loss(f, y, k, eps), want, rtol=1e-5)
 
 
+def test_gloro_logit_scale_vs_numpy():
+  """L_GloRo(y; h(s f)) of CLL supp. D.1: all N + 1 logits scaled by s."""
+  rng = np.random.default_rng(16)
+  f = rng.normal(size=(6, 4)).astype(np.float32)
+  y = rng.integers(0, 4, size=6)
+  k = _random_k(rng, 4)
+  eps = 0.3
+  z = np.concatenate([f, _bottom_loop(f, k, eps)[:, None]], axis=1)
+  for s in (0.25, 1.0, 3.0):
+    zs = s * z.astype(np.float64)
+    want = np.log(np.exp(zs).sum(axis=1)) - zs[np.arange(6), y]
+    got = losses.gloro_loss(f, y, k, eps, logit_scale=s)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # A traced scale gives the same values.
+    traced = jax.jit(lambda scale: losses.gloro_loss(
+        f, y, k, eps, logit_scale=scale))(jnp.float32(s))
+    np.testing.assert_allclose(traced, want, rtol=1e-5)
+  np.testing.assert_array_equal(losses.gloro_loss(f, y, k, eps, logit_scale=1),
+                                losses.gloro_loss(f, y, k, eps))
+  for bad in (0.0, -1.0, np.inf):
+    with pytest.raises(ValueError, match='logit_scale must be'):
+      losses.gloro_loss(f, y, k, eps, logit_scale=bad)
+
+
 def test_gloro_trades_vs_direct_numpy_kl():
   rng = np.random.default_rng(7)
   f = (3 * rng.normal(size=(9, 5))).astype(np.float32)

@@ -165,6 +165,22 @@ def test_resume_refuses_a_changed_model_before_training(tmp_path):
   assert checkpoints.latest_step(workdir) == 8
 
 
+def test_resume_of_a_run_that_predates_a_config_field(tmp_path):
+  """Fields added to the library later are no change at their defaults."""
+  workdir = str(tmp_path)
+  train.train_and_evaluate(moons_config(epochs=2), workdir)
+  stored = run_records.read_json(workdir, run_records.CONFIG_FILE)
+  del stored['loss']['p_convention'], stored['loss']['gloro_logit_scale']
+  run_records.write_json(workdir, run_records.CONFIG_FILE, stored)
+  assert run_records.check_resume(workdir, moons_config(epochs=4)) == {
+      'train.num_epochs': (2, 4)}
+  other = moons_config(epochs=4)
+  other.loss.p_convention = 'code'  # not what the run was trained with
+  with pytest.raises(run_records.ConfigChangeError,
+                     match="loss.p_convention: '<absent>' -> 'code'"):
+    run_records.check_resume(workdir, other)
+
+
 def test_resume_with_new_radii_completes_and_plots(tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(moons_config(epochs=2), workdir)

@@ -10,12 +10,14 @@ import pytest
 
 from cll_jax import certify
 from cll_jax import configs
+from cll_jax import losses
 from cll_jax import models
 from cll_jax import sound_bounds
 from cll_jax import train
 from cll_jax.config_validation import validate_config
 from experiments import cifar10_4c3f
 from experiments import moons_cll
+from experiments import tinyimagenet_8c2f
 
 
 def tiny_moons_config(epochs=4, loss='cll'):
@@ -98,6 +100,9 @@ def test_end_to_end_moons_reports_certified_numbers_from_certify_path(tmp_path):
     ('loss.p_start', 1e-39, 'loss.p_start=1e-39'),
     ('loss.delta', float('inf'), 'loss.delta=inf'),
     ('eval.radii', (0.1, float('inf')), 'eval.radii'),
+    ('loss.p_convention', 'twice', 'loss.p_convention'),
+    ('loss.gloro_logit_scale', 0.0, 'loss.gloro_logit_scale'),
+    ('loss.gloro_logit_scale', 2.0, 'loss.gloro_logit_scale'),  # with CLL
 ])
 def test_invalid_config_fails_before_training(tmp_path, field, value, message):
   config = tiny_moons_config()
@@ -188,3 +193,51 @@ def test_config_argument_parsing():
   with pytest.raises(ValueError, match='bogus'):
     moons_cll.get_config('bogus=1')
   assert configs.DEFAULT_RADII == certify.DEFAULT_RADII
+
+
+def test_p_convention_code_is_twice_the_p_of_eq5():
+  """`loss.p_convention='code'`: p_code = 2 p (the official code's width
+  logit(1 - p/2) - logit(p/2)), checked against the K^(h o f) of the paper's
+  tables, which use either convention."""
+  paper = cifar10_4c3f.get_config('p=0.7')
+  with pytest.raises(ValueError, match=r"loss\.p_start=0\.7.*p_convention="
+                                       r"'code'"):
+    validate_config(paper)
+  code = cifar10_4c3f.get_config('p=0.7,p_convention=code')
+  validate_config(code)
+  sched = train.loss_schedules(code, 10)
+  assert float(sched.slack(0)) == pytest.approx(0.35)
+  code.loss.p_end = 1.0
+  with pytest.raises(ValueError, match=r'loss\.p_end=1\.0.*\(0, 1\)'):
+    validate_config(code)
+
+  def k_hf(config):
+    return train.lipschitz_hf(config, train.loss_schedules(config, 10), 0,
+                              lipschitz_f=1.0)
+  # Table 2 (CIFAR-10 4C3F, p = 0.15 of eq. 5): 11.6; table 1 (Tiny-ImageNet
+  # 8C2F, p_code 0.01 and 0.025): 10.6 and 4.4.
+  assert k_hf(cifar10_4c3f.get_config()) == pytest.approx(11.6, abs=0.05)
+  tin = tinyimagenet_8c2f.get_config('variant=eps0.5')
+  assert tin.loss.p_convention == 'code'
+  assert k_hf(tin) == pytest.approx(10.6, abs=0.05)
+  assert k_hf(tinyimagenet_8c2f.get_config('variant=eps1.0')) == (
+      pytest.approx(4.4, abs=0.05))
+
+
+def test_gloro_logit_scale_in_the_training_loss():
+  config = tiny_moons_config(loss='gloro')
+  config.loss.gloro_logit_scale = 2.5
+  validate_config(config)
+  model = train.create_model(config, 2)
+  state = train.create_train_state(config, model, jax.random.PRNGKey(0),
+                                   (2,), 4)
+  sched = train.loss_schedules(config, 4)
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 2))
+  y = jnp.arange(16) % 2
+  out = model.apply(state.variables, x)
+  values, _ = train.per_example_loss(config, sched, out, y, jnp.asarray(0),
+                                     jnp.asarray(0))
+  want = losses.gloro_loss(out.logits, y, out.pairwise_lipschitz,
+                           sched.epsilon(0), logit_scale=2.5)
+  np.testing.assert_allclose(values, want, rtol=1e-6)
+  assert train.lipschitz_hf(config, sched, 0, lipschitz_f=3.0) == 7.5
