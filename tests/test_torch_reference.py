@@ -65,7 +65,7 @@ def test_one_step_matches_jax_train_step():
   new_state, metrics = jax.jit(jax_step)(state, batch)
 
   images = torch_reference.to_nchw_float(np.asarray(batch['image']))
-  labels = torch.as_tensor(np.asarray(batch['label'])).long()
+  labels = torch.from_numpy(np.array(batch['label'])).long()
   reference.optimizer.zero_grad()
   total, values, logits, lipschitz = reference.loss(images, labels)
   total.backward()
@@ -117,7 +117,7 @@ def test_certified_counts_match_jax_eval():
   bounds = train.certification_bounds(state, model, INPUT_SHAPE, 'power')
   out = model.apply(state.variables, images.astype(np.float32) / 255.0)
   logits = np.asarray(out.logits)
-  assert counts['correct'] == np.sum(logits.argmax(-1) == labels)
+  assert counts['accuracy'] == np.sum(logits.argmax(-1) == labels)
   pairwise = np.asarray(bounds['pairwise'])
   for r in radii:
     gap = logits[np.arange(8), labels][:, None] - logits
