@@ -69,8 +69,9 @@ def time_alternating(calls: Sequence[tuple[str, Callable[[], Any]]],
 
   Returns:
     {name: {'median_ms', 'min_ms', 'max_ms', 'cpu_ms', 'compile_s'}} for every
-    call, and 'ratio': {'min', 'median', 'max'} of the per-round wall-time
-    ratios of the first call over the second.
+    call (and 'rounds_ms', every round's wall time), and 'ratio': {'min',
+    'median', 'max'} of the per-round wall-time ratios of the first call
+    over the second.
   """
   stats: dict[str, Any] = {}
   walls: dict[str, list[float]] = {name: [] for name, _ in calls}
@@ -91,12 +92,18 @@ def time_alternating(calls: Sequence[tuple[str, Callable[[], Any]]],
     stats[name].update(
         median_ms=1e3 * statistics.median(walls[name]),
         min_ms=1e3 * min(walls[name]), max_ms=1e3 * max(walls[name]),
-        cpu_ms=1e3 * statistics.median(cpus[name]), repeats=repeats)
+        cpu_ms=1e3 * statistics.median(cpus[name]), repeats=repeats,
+        rounds_ms=[1e3 * t for t in walls[name]])
   (first, _), (second, _) = calls[0], calls[1]
-  ratios = [a / b for a, b in zip(walls[first], walls[second])]
-  stats['ratio'] = {'min': min(ratios), 'median': statistics.median(ratios),
-                    'max': max(ratios)}
+  stats['ratio'] = round_ratios(stats[first], stats[second])
   return stats
+
+
+def round_ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+  """min / median / max over the rounds of `time_alternating` of a / b."""
+  ratios = [x / y for x, y in zip(a['rounds_ms'], b['rounds_ms'])]
+  return {'min': min(ratios), 'median': statistics.median(ratios),
+          'max': max(ratios)}
 
 
 def load_average() -> str:
