@@ -379,7 +379,7 @@ def run(tiny: bool = False, repeats: int | None = None,
   errors: list[str] = []
   sections: list[str] = []
   loads = {}
-  raw_loads = {}  # the load while each section was measured
+  raw_loads = {}  # the load while each section was measured (or reused)
 
   def measure(name, fn):
     cache = os.path.join(cache_dir, f'{name}{"_tiny" if tiny else ""}.json')
@@ -390,6 +390,7 @@ def run(tiny: bool = False, repeats: int | None = None,
       with open(cache) as f:
         saved = json.load(f)
       loads[name] = f"reused from {saved['date']}, load {saved['load']}"
+      raw_loads[name] = saved['load']
       return saved['rows']
     if name in skip:
       return None
@@ -431,8 +432,9 @@ def run(tiny: bool = False, repeats: int | None = None,
 
   info = machine_info()
   cores = os.cpu_count() or 1
-  busy = any(float(v.split(',')[0]) > BUSY_LOAD_PER_CORE * cores
-             for v in raw_loads.values() if v != 'unknown')
+  busy = [name for name, v in raw_loads.items()
+          if v != 'unknown' and float(v.split(',')[0])
+          > BUSY_LOAD_PER_CORE * cores]
   head = [
       '# cll_jax benchmarks' + (' (tiny smoke sizes)' if tiny else ''), '',
       f"* date: {started.strftime('%Y-%m-%d %H:%M %Z')}",
@@ -448,9 +450,10 @@ def run(tiny: bool = False, repeats: int | None = None,
       'scripts run there: `python -m benchmarks.side_by_side`).', '']
   if busy:
     head += ['**Provisional:** the machine was shared with other jobs '
-             f'(load above {BUSY_LOAD_PER_CORE} per core) while sections '
-             'measured by this run ran; '
-             'wall times are inflated, CPU times (`cpu ms`) less so. Rerun on '
+             f'(load above {BUSY_LOAD_PER_CORE} per core) while these '
+             f'sections were measured: {", ".join(busy)}; '
+             'wall times are inflated, CPU times (`cpu ms`) less so, and '
+             'ratios timed alternately (A B A B) least. Rerun on '
              'a quiet machine for final numbers.', '']
   if steps:
     sections += _section_train_step(steps) + ['']
