@@ -461,7 +461,10 @@ def format_markdown(rows: list[dict]) -> str:
                          'step (`model.liplt_power_iterations = 1`)')):
       row = rows_by.get((model, what))
       if naive and row:
-        ratio = row['ratio_to_naive']
+        # Rows measured apart (older caches) have no per-round ratios.
+        single = row['median_ms'] / naive
+        ratio = row.get('ratio_to_naive', {'median': single, 'min': single,
+                                           'max': single})
         notes.append(
             f"* {model}, {label}: the LipLT step takes "
             f"{ratio['median']:.2f}x the naive one (alternating rounds: min "
