@@ -20,7 +20,8 @@ Two comparisons, each timed A B A B ... in this process
 Without torch the PyTorch rows are skipped with `torch_reference.SKIP_MESSAGE`
 (the JAX side is still measured).
 
-Run: `python -m benchmarks.side_by_side [--tiny] [--repeats N] [--epoch-steps S]`.
+Run: `python -m benchmarks.side_by_side [--tiny] [--repeats N]
+[--epoch-steps S] [--skip-epoch]`.
 """
 
 from __future__ import annotations

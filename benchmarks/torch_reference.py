@@ -259,7 +259,7 @@ class Reference:
       counts = {'accuracy': 0.0, **{f'cra_{r:.4f}': 0.0 for r in radii}}
       for start in range(0, len(labels), batch_size):
         x = to_nchw_float(images[start:start + batch_size])
-        y = torch.as_tensor(labels[start:start + batch_size]).long()
+        y = torch.from_numpy(np.array(labels[start:start + batch_size])).long()
         logits = self.logits(x)
         correct = logits.argmax(-1) == y
         counts['accuracy'] += float(correct.sum())
@@ -374,7 +374,7 @@ def epoch(reference: Reference, train_images: np.ndarray,
       x = augment(x, generator, aug.get('crop_padding', 4),
                   aug.get('flip', True), aug.get('color_jitter', 0.25),
                   aug.get('max_rotation_degrees', 2.0))
-    reference.step(x, torch.as_tensor(train_labels[index]).long())
+    reference.step(x, torch.from_numpy(np.array(train_labels[index])).long())
   train_s = time.perf_counter() - start
   start = time.perf_counter()
   reference.converge(converge_tol, converge_max_iterations)
