@@ -13,7 +13,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,54 @@ def time_calls(call: Callable[[], Any], repeats: int,
           'min_ms': 1e3 * min(times), 'max_ms': 1e3 * max(times),
           'cpu_ms': 1e3 * statistics.median(cpu_times),
           'repeats': repeats}
+
+
+def time_alternating(calls: Sequence[tuple[str, Callable[[], Any]]],
+                     repeats: int, warmup: int = 2) -> dict[str, Any]:
+  """Times two or more calls in turn (A B A B ...) in this process.
+
+  On a shared machine the load moves between measurements; calls measured
+  alternately see the same load, so the ratio of each round's pair is far
+  steadier than the ratio of two separate medians. `warmup` untimed calls of
+  each come first (the first one compiles).
+
+  Returns:
+    {name: {'median_ms', 'min_ms', 'max_ms', 'cpu_ms', 'compile_s'}} for every
+    call (and 'rounds_ms', every round's wall time), and 'ratio': {'min',
+    'median', 'max'} of the per-round wall-time ratios of the first call
+    over the second.
+  """
+  stats: dict[str, Any] = {}
+  walls: dict[str, list[float]] = {name: [] for name, _ in calls}
+  cpus: dict[str, list[float]] = {name: [] for name, _ in calls}
+  for name, call in calls:
+    start = time.perf_counter()
+    block(call())
+    stats[name] = {'compile_s': time.perf_counter() - start}
+    for _ in range(max(warmup - 1, 0)):
+      block(call())
+  for _ in range(repeats):
+    for name, call in calls:
+      start, cpu_start = time.perf_counter(), time.process_time()
+      block(call())
+      walls[name].append(time.perf_counter() - start)
+      cpus[name].append(time.process_time() - cpu_start)
+  for name, _ in calls:
+    stats[name].update(
+        median_ms=1e3 * statistics.median(walls[name]),
+        min_ms=1e3 * min(walls[name]), max_ms=1e3 * max(walls[name]),
+        cpu_ms=1e3 * statistics.median(cpus[name]), repeats=repeats,
+        rounds_ms=[1e3 * t for t in walls[name]])
+  (first, _), (second, _) = calls[0], calls[1]
+  stats['ratio'] = round_ratios(stats[first], stats[second])
+  return stats
+
+
+def round_ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+  """min / median / max over the rounds of `time_alternating` of a / b."""
+  ratios = [x / y for x, y in zip(a['rounds_ms'], b['rounds_ms'])]
+  return {'min': min(ratios), 'median': statistics.median(ratios),
+          'max': max(ratios)}
 
 
 def load_average() -> str:

@@ -29,13 +29,6 @@ from cll_jax import losses
 from cll_jax import train
 from experiments import cifar10_4c3f
 
-# The reference numbers of the brief (PyTorch eager, same CLL step, on this
-# 2-core CPU): 160 ms, 139 ms without the bound. Target: <= 0.8x.
-PYTORCH_MS = 160.0
-PYTORCH_NO_BOUND_MS = 139.0
-TARGET_FACTOR = 0.8
-
-
 def make_config(tiny: bool, augment: bool, power_iterations: int):
   config = cifar10_4c3f.get_config()
   config.model.num_power_iterations = power_iterations

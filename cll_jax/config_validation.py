@@ -76,6 +76,10 @@ def validate_config(config: ml_collections.ConfigDict,
     values = m.get(key)
     if values is not None and not all(math.isfinite(v) for v in values):
       _fail(f'model.{key}', values, 'must be finite')
+  if (m.get('liplt_power_iterations') is not None
+      and m.liplt_power_iterations < 0):
+    _fail('model.liplt_power_iterations', m.liplt_power_iterations,
+          'must be >= 0 or None')
   if m.get('input_std') is not None and min(m.input_std) <= 0:
     _fail('model.input_std', m.input_std, 'must be > 0')
   if d.name not in data_lib.DATASETS:

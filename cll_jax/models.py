@@ -126,6 +126,11 @@ class LipschitzNetwork(nn.Module):
       its Lipschitz factor 1 / min(std) enters every bound.
     num_power_iterations: power-iteration steps per training step.
     bound: the training bound, 'naive' (product) or 'liplt'.
+    liplt_power_iterations: power-iteration steps per training step of the
+      LipLT product norms (None: `num_power_iterations`). Warm-started, the
+      iterates move little between steps; fewer steps make the LipLT step
+      cheaper (benchmarks/RESULTS.md). Evaluation converges them anyway
+      (`converge_power_iteration`) and certification uses sound bounds.
   """
   architecture: tuple[layer_base.LayerSpec, ...]
   num_classes: int
@@ -135,6 +140,7 @@ class LipschitzNetwork(nn.Module):
   num_power_iterations: int = 5
   bound: str = 'naive'
   head: str = 'dense'
+  liplt_power_iterations: int | None = None
 
   @property
   def input_scale(self) -> float:
@@ -210,8 +216,10 @@ class LipschitzNetwork(nn.Module):
     states = self.variable(
         layers.POWER_ITERATION, 'liplt_products',
         lambda: liplt.init_product_states(ops, self.make_rng('params')))
-    steps = (self.num_power_iterations
-             if self.is_mutable_collection(layers.POWER_ITERATION) else 0)
+    steps = (self.num_power_iterations if self.liplt_power_iterations is None
+             else self.liplt_power_iterations)
+    if not self.is_mutable_collection(layers.POWER_ITERATION):
+      steps = 0
     norms, new_states = liplt.product_norms(ops, states.value, steps)
     if steps:
       states.value = new_states
@@ -245,7 +253,9 @@ def create_model(name: str, num_classes: int, *, activation: str = 'minmax',
                  input_std: Sequence[float] | None = None,
                  num_power_iterations: int = 5,
                  bound: str = 'naive', head: str = 'dense',
-                 soc: dict[str, Any] | None = None) -> LipschitzNetwork:
+                 soc: dict[str, Any] | None = None,
+                 liplt_power_iterations: int | None = None
+                 ) -> LipschitzNetwork:
   """Builds a registered architecture; bad arguments raise ValueError.
 
   Args:
@@ -258,6 +268,8 @@ def create_model(name: str, num_classes: int, *, activation: str = 'minmax',
     head: 'dense' or 'lln' (`cll_jax.layers.HEADS`).
     soc: options of the SOC layers (`SOC_OPTIONS`: max_norm, terms_train,
       terms_eval); None keeps the specs' defaults.
+    liplt_power_iterations: power-iteration steps of the LipLT product
+      norms per training step (None: `num_power_iterations`).
   """
   if name not in ARCHITECTURES:
     raise ValueError(f'unknown model {name!r}; known models: {sorted(MODELS)}')
@@ -276,6 +288,9 @@ def create_model(name: str, num_classes: int, *, activation: str = 'minmax',
         f'num_power_iterations must be >= 0, got {num_power_iterations}')
   if bound not in BOUNDS:
     raise ValueError(f'unknown bound {bound!r}; known: {BOUNDS}')
+  if liplt_power_iterations is not None and liplt_power_iterations < 0:
+    raise ValueError(f'liplt_power_iterations must be >= 0 or None, got '
+                     f'{liplt_power_iterations}')
   if head not in layers.HEADS:
     raise ValueError(f'unknown head {head!r}; known: {sorted(layers.HEADS)}')
   architecture = ARCHITECTURES[name]
@@ -305,7 +320,8 @@ def create_model(name: str, num_classes: int, *, activation: str = 'minmax',
       activation=activation,
       input_mean=None if input_mean is None else tuple(input_mean),
       input_std=None if input_std is None else tuple(input_std),
-      num_power_iterations=num_power_iterations, bound=bound, head=head)
+      num_power_iterations=num_power_iterations, bound=bound, head=head,
+      liplt_power_iterations=liplt_power_iterations)
 
 
 def layer_names(model: LipschitzNetwork) -> list[str]:

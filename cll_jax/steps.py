@@ -75,7 +75,8 @@ def create_model(config: ml_collections.ConfigDict,
       m.name, num_classes, activation=m.activation,
       input_mean=m.get('input_mean'), input_std=m.get('input_std'),
       num_power_iterations=m.num_power_iterations, bound=m.bound,
-      head=m.get('head', 'dense'), soc=None if soc is None else soc.to_dict())
+      head=m.get('head', 'dense'), soc=None if soc is None else soc.to_dict(),
+      liplt_power_iterations=m.get('liplt_power_iterations'))
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:

@@ -465,6 +465,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       record['epoch'] = epoch + 1
       record['epoch_seconds'] = time.time() - epoch_start
       last = epoch + 1 == num_epochs
+      eval_start = time.time()
       if last or (epoch + 1) % config.train.converge_every_epochs == 0:
         report.phase('converging power iteration')
         state = state.replace(power_iteration=jitted_converge(
@@ -472,6 +473,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if last or (epoch + 1) % config.train.eval_every_epochs == 0:
         record.update(evaluate_now(state))
         final = record
+      # Convergence and certified evaluation (compilation included the first
+      # time), apart from the training steps of `epoch_seconds`.
+      record['eval_seconds'] = time.time() - eval_start
       writer.write(step, record)
       if last or (epoch + 1) % config.train.checkpoint_every_epochs == 0:
         report.phase('checkpoint')

@@ -236,6 +236,28 @@ def test_lower_bound_without_steps_is_eq19_on_the_pairs():
   np.testing.assert_allclose(per_pair, expected, rtol=1e-5)
 
 
+def test_lower_bound_chunks_of_pairs_change_nothing():
+  # Pairs and Adam's moments are independent: optimising 7 pairs in chunks
+  # of 3 (the last padded) gives each pair the same result as all at once,
+  # and each chunk alone matches the corresponding pairs run by themselves.
+  params = _mlp_params(5, [4, 8, 5])
+  apply_fn = functools.partial(_mlp_apply, params)
+  rs = np.random.RandomState(2)
+  x1 = jnp.asarray(rs.uniform(size=(7, 4)), jnp.float32)
+  x2 = jnp.asarray(rs.uniform(size=(7, 4)), jnp.float32)
+  run = functools.partial(attacks.empirical_lipschitz_lower_bound, apply_fn,
+                          num_steps=20, learning_rate=1e-2)
+  best, chunked = run(x1, x2, pair_chunk_size=3)
+  _, whole = run(x1, x2, pair_chunk_size=None)
+  _, last = run(x1[6:], x2[6:])
+  assert chunked.shape == (7,)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+  np.testing.assert_allclose(chunked[6:], last, rtol=1e-5)
+  assert float(best) == float(np.max(chunked))
+  with pytest.raises(ValueError, match='pair_chunk_size'):
+    run(x1, x2, pair_chunk_size=0)
+
+
 # ----------------------------------------------------------------------------
 # Lower bound on a linear model: the supremum is max_i ||w_j - w_i||.
 

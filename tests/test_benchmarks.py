@@ -92,9 +92,11 @@ def test_certification_tiny():
 
 
 def test_tightness_tiny():
-  (row,) = tightness.run(tiny=True, verbose=False)
-  assert (row['pairs'], row['steps']) == (4, 2)
-  _positive_finite(row, 'median_ms', 'full_estimate_h')
+  rows = tightness.run(tiny=True, verbose=False)
+  assert [r['pair_chunk_size'] for r in rows] == [2, None]
+  for row in rows:
+    assert (row['pairs'], row['steps']) == (4, 2)
+    _positive_finite(row, 'median_ms', 'full_estimate_h')
 
 
 def test_data_parallel_tiny_equal_results():
@@ -136,13 +138,15 @@ def test_run_writes_report(tmp_path):
   out = tmp_path / 'RESULTS.md'
   run_lib.run(tiny=True, repeats=1, output=str(out),
               skip=('train_step', 'conv_grads', 'tightness', 'data_parallel',
-                    'sound_bounds', 'liplt', 'constrained'))
+                    'sound_bounds', 'liplt', 'constrained', 'side_by_side',
+                    'profile'))
   assert (tmp_path / 'measurements' / 'certification_tiny.json').exists()
   # A second report reuses the saved measurement instead of measuring.
   again = tmp_path / 'AGAIN.md'
   run_lib.run(tiny=True, repeats=1, output=str(again),
               skip=('train_step', 'conv_grads', 'tightness', 'data_parallel',
-                    'sound_bounds', 'liplt', 'constrained'),
+                    'sound_bounds', 'liplt', 'constrained', 'side_by_side',
+                    'profile'),
               reuse=('certification',))
   assert 'certification reused from' in again.read_text()
   text = out.read_text()
