@@ -188,6 +188,24 @@ def parse_override(text: str) -> tuple[str, Any]:
   return field, parsed
 
 
+def parse_bases(study: Study, entries: Sequence[str]) -> dict[str, str]:
+  """`--base` entries -> {role: path}; a bare path needs a one-role study."""
+  bases = {}
+  for entry in entries:
+    role, sep, path = entry.partition('=')
+    if not sep:
+      if len(study.bases) != 1:
+        raise ValueError(
+            f'--base={entry}: study {study.name!r} has roles '
+            f'{sorted(study.bases)}; write ROLE=PATH')
+      role, path = next(iter(study.bases)), entry
+    if role not in study.bases:
+      raise ValueError(f'--base={entry}: unknown role {role!r}; roles of '
+                       f'{study.name!r}: {sorted(study.bases)}')
+    bases[role] = path
+  return bases
+
+
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Mapping[str, Any] | Sequence[tuple[str, Any]]
                     ) -> None:

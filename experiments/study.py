@@ -76,24 +76,6 @@ _TIGHTNESS_STEPS = flags.DEFINE_integer(
 _LIST = flags.DEFINE_bool('list', False, 'List the studies and exit.')
 
 
-def parse_bases(study: study_lib.Study, entries) -> dict[str, str]:
-  """`--base` entries -> {role: path}; a bare path needs a one-role study."""
-  bases = {}
-  for entry in entries:
-    role, sep, path = entry.partition('=')
-    if not sep:
-      if len(study.bases) != 1:
-        raise ValueError(
-            f'--base={entry}: study {study.name!r} has roles '
-            f'{sorted(study.bases)}; write ROLE=PATH')
-      role, path = next(iter(study.bases)), entry
-    if role not in study.bases:
-      raise ValueError(f'--base={entry}: unknown role {role!r}; roles of '
-                       f'{study.name!r}: {sorted(study.bases)}')
-    bases[role] = path
-  return bases
-
-
 def _list_studies() -> None:
   for name, s in STUDIES.items():
     print(f'{name}: {s.title}')
@@ -117,7 +99,7 @@ def main(argv):
     options = study_lib.StudyOptions(
         epochs=_EPOCHS.value, tiny=_TINY.value, config_arg=_CONFIG_ARG.value,
         overrides=tuple(study_lib.parse_override(s) for s in _SET.value),
-        bases=parse_bases(study, _BASE.value),
+        bases=study_lib.parse_bases(study, _BASE.value),
         tightness_pairs=_TIGHTNESS_PAIRS.value,
         tightness_steps=_TIGHTNESS_STEPS.value)
     results = study_lib.run_study(

@@ -331,11 +331,12 @@ def test_cli_lists_studies_and_collects_an_empty_workdir(tmp_path):
 
 
 def test_cli_base_flag():
-  from experiments import study as study_cli  # pylint: disable=g-import-not-at-top
-  assert study_cli.parse_bases(STUDIES['seeds'], ['x.py']) == {'cll': 'x.py'}
-  assert study_cli.parse_bases(STUDIES['margin_width'], ['gloro=y.py']) == {
+  # The rule lives in the library: importing the CLI module would define its
+  # absl flags (--workdir) a second time beside experiments.certify's.
+  assert study.parse_bases(STUDIES['seeds'], ['x.py']) == {'cll': 'x.py'}
+  assert study.parse_bases(STUDIES['margin_width'], ['gloro=y.py']) == {
       'gloro': 'y.py'}
   with pytest.raises(ValueError, match='ROLE=PATH'):
-    study_cli.parse_bases(STUDIES['margin_width'], ['x.py'])
+    study.parse_bases(STUDIES['margin_width'], ['x.py'])
   with pytest.raises(ValueError, match="unknown role 'crm'"):
-    study_cli.parse_bases(STUDIES['margin_width'], ['crm=x.py'])
+    study.parse_bases(STUDIES['margin_width'], ['crm=x.py'])
