@@ -259,8 +259,44 @@ def _certified_series_bound(op: LinearOperator, u: jax.Array,
   return series_norm_bound(a, terms)
 
 
+class _SeriesSpec:
+  """What SOCConvSpec and SOCDenseSpec share: the series' proven bound, its
+  power iteration and its rounding step, all through `self.operator`."""
+
+  def certified_bound(self, variables, input_shape) -> jax.Array:
+    return self.proven_bound(variables, input_shape, training=False)
+
+  def proven_bound(self, variables, input_shape,
+                   training: bool = False) -> jax.Array:
+    """The layer's proven bound with the terms of training or evaluation.
+
+    `variables` holds the power-iteration vector the forward pass used (in
+    training: the one it returned, after its update).
+    """
+    op = self.operator(variables['params'], input_shape)
+    return _certified_series_bound(
+        op, variables[base.POWER_ITERATION]['u'], self.max_norm,
+        self.terms_train if training else self.terms_eval)
+
+  def power_iteration_operators(self, params, input_shape):
+    return {'u': self.operator(params, input_shape)}
+
+  def rounding_step(self, variables, input_shape, forms, norm, *, dtype,
+                    forward_dtype):
+    """The eval forward pass's rounding error (`forward_error.soc_step`)."""
+    del norm  # the series' own bound enters through a
+    from cll_jax import forward_error  # pylint: disable=g-import-not-at-top
+    params = variables['params']
+    op = self.operator(params, input_shape)
+    positions = math.prod(self.output_shape(input_shape)[:-1])
+    return forward_error.soc_step(
+        op, variables[base.POWER_ITERATION]['u'], self.max_norm,
+        self.terms_eval, params.get('bias'), positions, forms, dtype=dtype,
+        forward_dtype=forward_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class SOCConvSpec:
+class SOCConvSpec(_SeriesSpec):
   """An `SOCConv` layer of a network (see the module docstring)."""
   features: int
   kernel_size: int = 3
@@ -289,40 +325,9 @@ class SOCConvSpec:
     return _skew_conv_operator(params['kernel'], self._inner_shape(input_shape),
                                base.HIGHEST)
 
-  def certified_bound(self, variables, input_shape) -> jax.Array:
-    return self.proven_bound(variables, input_shape, training=False)
-
-  def proven_bound(self, variables, input_shape,
-                   training: bool = False) -> jax.Array:
-    """The layer's proven bound with the terms of training or evaluation.
-
-    `variables` holds the power-iteration vector the forward pass used (in
-    training: the one it returned, after its update).
-    """
-    op = self.operator(variables['params'], input_shape)
-    return _certified_series_bound(
-        op, variables[base.POWER_ITERATION]['u'], self.max_norm,
-        self.terms_train if training else self.terms_eval)
-
-  def power_iteration_operators(self, params, input_shape):
-    return {'u': self.operator(params, input_shape)}
-
-  def rounding_step(self, variables, input_shape, forms, norm, *, dtype,
-                    forward_dtype):
-    """The eval forward pass's rounding error (`forward_error.soc_step`)."""
-    del norm  # the series' own bound enters through a
-    from cll_jax import forward_error  # pylint: disable=g-import-not-at-top
-    params = variables['params']
-    op = self.operator(params, input_shape)
-    positions = math.prod(self.output_shape(input_shape)[:-1])
-    return forward_error.soc_step(
-        op, variables[base.POWER_ITERATION]['u'], self.max_norm,
-        self.terms_eval, params.get('bias'), positions, forms, dtype=dtype,
-        forward_dtype=forward_dtype)
-
 
 @dataclasses.dataclass(frozen=True)
-class SOCDenseSpec:
+class SOCDenseSpec(_SeriesSpec):
   """An `SOCDense` layer of a network (see the module docstring)."""
   features: int
   max_norm: float = 1.5
@@ -344,35 +349,3 @@ class SOCDenseSpec:
   def operator(self, params, input_shape) -> LinearOperator:
     del input_shape
     return _skew_dense_operator(params['kernel'], base.HIGHEST)
-
-  def certified_bound(self, variables, input_shape) -> jax.Array:
-    return self.proven_bound(variables, input_shape, training=False)
-
-  def proven_bound(self, variables, input_shape,
-                   training: bool = False) -> jax.Array:
-    """The layer's proven bound with the terms of training or evaluation.
-
-    `variables` holds the power-iteration vector the forward pass used (in
-    training: the one it returned, after its update).
-    """
-    op = self.operator(variables['params'], input_shape)
-    return _certified_series_bound(
-        op, variables[base.POWER_ITERATION]['u'], self.max_norm,
-        self.terms_train if training else self.terms_eval)
-
-  def power_iteration_operators(self, params, input_shape):
-    return {'u': self.operator(params, input_shape)}
-
-  def rounding_step(self, variables, input_shape, forms, norm, *, dtype,
-                    forward_dtype):
-    """The eval forward pass's rounding error (`forward_error.soc_step`)."""
-    del norm  # the series' own bound enters through a
-    from cll_jax import forward_error  # pylint: disable=g-import-not-at-top
-    params = variables['params']
-    op = self.operator(params, input_shape)
-    positions = math.prod(self.output_shape(input_shape)[:-1])
-    return forward_error.soc_step(
-        op, variables[base.POWER_ITERATION]['u'], self.max_norm,
-        self.terms_eval, params.get('bias'), positions, forms, dtype=dtype,
-        forward_dtype=forward_dtype)
-

@@ -92,8 +92,28 @@ def _sound_norm(op: LinearOperator) -> jax.Array:
                        sound_bounds.DEFAULT_RELATIVE_FLOAT_ALLOWANCE)
 
 
+class _EstimatedLinearSpec:
+  """What Conv and Dense share: a linear map plus bias, whose certified bound
+  is a sound upper bound of its operator norm."""
+
+  def certified_bound(self, variables, input_shape) -> jax.Array:
+    return _sound_norm(self.operator(variables['params'], input_shape))
+
+  def power_iteration_operators(self, params, input_shape):
+    return {'u': self.operator(params, input_shape)}
+
+  def rounding_step(self, variables, input_shape, forms, norm, *, dtype,
+                    forward_dtype):
+    """The forward pass's rounding error (`forward_error.linear_step`)."""
+    from cll_jax import forward_error  # pylint: disable=g-import-not-at-top
+    params = variables['params']
+    return forward_error.linear_step(
+        self.operator(params, input_shape), params.get('bias'), norm, forms,
+        dtype=dtype, forward_dtype=forward_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class Conv:
+class Conv(_EstimatedLinearSpec):
   """c(features, kernel_size, stride, padding) of CLL table B2."""
   features: int
   kernel_size: int
@@ -122,24 +142,9 @@ class Conv:
             conv_output_spatial(w, self.kernel_size, self.stride, pad),
             self.features)
 
-  def certified_bound(self, variables, input_shape) -> jax.Array:
-    return _sound_norm(self.operator(variables['params'], input_shape))
-
-  def power_iteration_operators(self, params, input_shape):
-    return {'u': self.operator(params, input_shape)}
-
-  def rounding_step(self, variables, input_shape, forms, norm, *, dtype,
-                    forward_dtype):
-    """The forward pass's rounding error (`forward_error.linear_step`)."""
-    from cll_jax import forward_error  # pylint: disable=g-import-not-at-top
-    params = variables['params']
-    return forward_error.linear_step(
-        self.operator(params, input_shape), params.get('bias'), norm, forms,
-        dtype=dtype, forward_dtype=forward_dtype)
-
 
 @dataclasses.dataclass(frozen=True)
-class Dense:
+class Dense(_EstimatedLinearSpec):
   """d(features) of CLL table B2."""
   features: int
 
@@ -158,18 +163,3 @@ class Dense:
   def output_shape(self, input_shape) -> tuple[int, ...]:
     del input_shape
     return (self.features,)
-
-  def certified_bound(self, variables, input_shape) -> jax.Array:
-    return _sound_norm(self.operator(variables['params'], input_shape))
-
-  def power_iteration_operators(self, params, input_shape):
-    return {'u': self.operator(params, input_shape)}
-
-  def rounding_step(self, variables, input_shape, forms, norm, *, dtype,
-                    forward_dtype):
-    """The forward pass's rounding error (`forward_error.linear_step`)."""
-    from cll_jax import forward_error  # pylint: disable=g-import-not-at-top
-    params = variables['params']
-    return forward_error.linear_step(
-        self.operator(params, input_shape), params.get('bias'), norm, forms,
-        dtype=dtype, forward_dtype=forward_dtype)
