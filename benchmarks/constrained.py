@@ -6,14 +6,21 @@ batch 128:
 
 * `4c3f`: the unconstrained reference (5 power iterations per layer);
 * `lipconv10`, `lipconv20`: SOC LipConv-n (Householder activations, 6 series
-  terms in training, dense head), the CLL paper's constrained rows.
+  terms in training, dense head), the CLL paper's constrained rows;
+* `family_<name>` (`--families`): one network per 1-Lipschitz layer family
+  (SOC, CPL, SLL, AOL, Sandwich) at matched depth and width: the input
+  zero-padded (or, for AOL and Sandwich, mapped by the first layer) to
+  `FAMILY_WIDTH` channels, `FAMILY_DEPTH` 3x3 convs of the family at
+  32x32, a scaled sum-pool by 4 (norm 1) and a dense head; MaxMin after
+  SOC and AOL convs (CPL, SLL and Sandwich have their ReLU inside).
 
 Memory is XLA's own accounting of the compiled step
 (`compiled.memory_analysis()`: arguments + outputs + temporaries, the peak
 device memory the step needs; on a GPU the same figure bounds its
 footprint), not the process size.
 
-Run: `python -m benchmarks.constrained [--tiny] [--repeats N] [--models a,b]`.
+Run: `python -m benchmarks.constrained [--tiny] [--repeats N] [--models a,b]
+[--families]`.
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ import jax
 
 from benchmarks import fake_batch, time_calls
 from benchmarks.train_step import train_step_fn
+from cll_jax import models
 from cll_jax import train
+from cll_jax.layers import orthogonal
+from cll_jax.layers import soc
 from experiments import cifar10_4c3f
 from experiments import cifar10_lipconv20
 
@@ -36,7 +46,35 @@ NETWORKS = {
 }
 
 
+FAMILY_DEPTH = 8
+FAMILY_WIDTH = 64
+FAMILIES = ('soc', 'cpl', 'sll', 'aol', 'sandwich')
+
+
+def family_body(family: str, depth: int, width: int):
+  """`depth` 3x3 convs of `family` at `width` channels, pooled by 4."""
+  from cll_jax.layers import aol, cpl, sandwich, sll  # pylint: disable=g-import-not-at-top
+  pad = (orthogonal.PadChannels(width),)
+  convs = {
+      'soc': lambda: pad + tuple(soc.SOCConvSpec(width) for _ in range(depth)),
+      'cpl': lambda: pad + tuple(cpl.CPLConvSpec(width) for _ in range(depth)),
+      'sll': lambda: pad + tuple(sll.SLLConvSpec(width) for _ in range(depth)),
+      'aol': lambda: tuple(aol.AOLConvSpec(width) for _ in range(depth)),
+      'sandwich': lambda: tuple(sandwich.SandwichConvSpec(width)
+                                for _ in range(depth)),
+  }[family]()
+  return convs + (orthogonal.ScaledSumPool(4),)
+
+
+def family_model(family: str, tiny: bool) -> models.LipschitzNetwork:
+  depth, width = (2, 8) if tiny else (FAMILY_DEPTH, FAMILY_WIDTH)
+  return models.LipschitzNetwork(family_body(family, depth, width), 10,
+                                 activation='minmax', num_power_iterations=1)
+
+
 def make_config(name: str, tiny: bool):
+  if name.startswith('family_'):
+    return make_config('4c3f', tiny)  # the 4C3F CLL recipe, another body
   module, arg, tiny_model = NETWORKS[name]
   config = module.get_config(arg or None)
   config.data.augment.enabled = False
@@ -58,14 +96,17 @@ def memory_bytes(compiled) -> dict[str, int]:
   return out
 
 
-def run(tiny: bool = False, repeats: int = 5, models=None, seed: int = 0,
+def run(tiny: bool = False, repeats: int = 5, networks=None, seed: int = 0,
         verbose: bool = True) -> list[dict]:
   """Times every network's step; returns one row per network."""
   rows = []
   input_shape = (32, 32, 3)
-  for name in models or NETWORKS:
+  for name in networks or NETWORKS:
     config = make_config(name, tiny)
-    model = train.create_model(config, 10)
+    if name.startswith('family_'):
+      model = family_model(name[len('family_'):], tiny)
+    else:
+      model = train.create_model(config, 10)
     state = train.create_train_state(config, model, jax.random.PRNGKey(seed),
                                      input_shape, 390)
     batch = fake_batch(jax.random.PRNGKey(seed + 1), config.train.batch_size,
@@ -81,14 +122,16 @@ def run(tiny: bool = False, repeats: int = 5, models=None, seed: int = 0,
     timing = time_calls(call, repeats, warmup=1)
     params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     row = dict(benchmark='constrained_step', network=name,
-               model=config.model.name, batch=config.train.batch_size,
+               model=(name if name.startswith('family_')
+                      else config.model.name),
+               batch=config.train.batch_size,
                parameters=int(params), layers=len(model.architecture) + 1,
                **timing, **{f'memory_{k}_bytes': v
                             for k, v in memory_bytes(compiled).items()})
     rows.append(row)
     if verbose:
       peak = row.get('memory_peak_bytes', 0) / 2**20
-      print(f"{name:10s} median {row['median_ms']:9.1f} ms  "
+      print(f"{name:16s} median {row['median_ms']:9.1f} ms  "
             f"(min {row['min_ms']:.1f})  peak {peak:8.1f} MiB  "
             f"{params / 1e6:.2f} M params", flush=True)
   return rows
@@ -100,9 +143,13 @@ def main() -> None:
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--models', default=None,
                       help=f'comma-separated subset of {sorted(NETWORKS)}')
+  parser.add_argument('--families', action='store_true',
+                      help=f'add the matched family networks {FAMILIES}')
   args = parser.parse_args()
-  run(tiny=args.tiny, repeats=args.repeats,
-      models=args.models.split(',') if args.models else None)
+  networks = args.models.split(',') if args.models else list(NETWORKS)
+  if args.families:
+    networks += [f'family_{f}' for f in FAMILIES]
+  run(tiny=args.tiny, repeats=args.repeats, networks=networks)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,12 @@ schedule, through `cll_jax.train.train_and_evaluate`:
 * `4c3f`: CLL (`experiments/cifar10_4c3f.py`, eps 0.15, p 0.15) vs GloRo
   (`experiments/cifar10_4c3f_gloro.py`), the paper's table 2 rows;
 * `lipconv20`: CLL vs SOC's loss on LipConv-20
-  (`experiments/cifar10_lipconv20.py:loss=cll|soc`), table 2's SOC rows.
+  (`experiments/cifar10_lipconv20.py:loss=cll|soc`), table 2's SOC rows;
+* `cpl`, `sll`, `aol`, `sandwich`: CLL vs the family's own loss (CPL's
+  hinge; the offset cross-entropy) on one network of the family, with the
+  recipe of `experiments/cifar10_cpl_xl.py` / `cifar10_sll_xl.py` (the XL
+  networks by default; `--model` picks another, e.g. `sll_s` or the CPU-sized
+  `sll_tiny`).
 
 Reported: clean accuracy, certified robust accuracy (CRA) at L2 radii
 36/255, 72/255, 108/255 and 255/255, the bound K^(f) = max_ij K_ij (sound
@@ -41,14 +46,28 @@ from cll_jax import tightness as tightness_lib
 from cll_jax import train
 from experiments import cifar10_4c3f
 from experiments import cifar10_4c3f_gloro
+from experiments import cifar10_cpl_xl
 from experiments import cifar10_lipconv20
+from experiments import cifar10_sll_xl
 
-# comparison -> method -> (config module, config argument, tiny model).
+# comparison -> method -> (config module, config argument, tiny model[,
+# model]).
 COMPARISONS = {
     '4c3f': {'cll': (cifar10_4c3f, '', 'tiny_cnn'),
              'gloro': (cifar10_4c3f_gloro, '', 'tiny_cnn')},
     'lipconv20': {'cll': (cifar10_lipconv20, 'loss=cll', 'lipconv_tiny'),
                   'soc': (cifar10_lipconv20, 'loss=soc', 'lipconv_tiny')},
+    'cpl': {'cll': (cifar10_cpl_xl, 'loss=cll', 'cpl_tiny'),
+            'cpl': (cifar10_cpl_xl, 'loss=cpl', 'cpl_tiny')},
+    'sll': {'cll': (cifar10_sll_xl, 'loss=cll', 'sll_tiny'),
+            'sll': (cifar10_sll_xl, 'loss=sll', 'sll_tiny')},
+    # AOL and Sandwich on SLL's recipe (their own loss is SLL's).
+    'aol': {'cll': (cifar10_sll_xl, 'loss=cll', 'aol_tiny', 'aol_small'),
+            'aol': (cifar10_sll_xl, 'loss=sll', 'aol_tiny', 'aol_small')},
+    'sandwich': {
+        'cll': (cifar10_sll_xl, 'loss=cll', 'sandwich_tiny', 'sandwich_s'),
+        'sandwich': (cifar10_sll_xl, 'loss=sll', 'sandwich_tiny',
+                     'sandwich_s')},
 }
 METHODS = COMPARISONS['4c3f']
 RADII = configs.DEFAULT_RADII + (1.0,)  # 36, 72, 108 and 255 / 255.
@@ -66,15 +85,22 @@ def results_name(comparison: str) -> str:
 
 
 def make_config(method: str, epochs: int | None, tiny: bool,
-                comparison: str = '4c3f'):
+                comparison: str = '4c3f', model: str | None = None,
+                train_examples: int | None = None):
   """The method's offline config, optionally on a shortened schedule."""
-  module, arg, tiny_model = COMPARISONS[comparison][method]
+  module, arg, tiny_model, *network = COMPARISONS[comparison][method]
   config = module.get_config(','.join(filter(None, (
       'data=offline', arg, 'tiny' if tiny else None))))
   config.eval.radii = RADII
   config.train.progress_bar = False
+  if network and not tiny:
+    config.model.name = network[0]
+  if model:
+    config.model.name = model
+  if train_examples:
+    config.data.num_train_examples = train_examples
   if tiny:
-    config.model.name = tiny_model
+    config.model.name = model or tiny_model
     config.train.num_epochs = 1
     config.train.eval_every_epochs = 1
     config.data.num_train_examples = 256
@@ -103,8 +129,10 @@ def tightness(config, workdir: str, upper: float, pairs: int, steps: int,
 
 def run_method(method: str, workdir: str, epochs: int | None, tiny: bool,
                tightness_pairs: int, tightness_steps: int,
-               comparison: str = '4c3f') -> dict:
-  config = make_config(method, epochs, tiny, comparison)
+               comparison: str = '4c3f', model: str | None = None,
+               train_examples: int | None = None) -> dict:
+  config = make_config(method, epochs, tiny, comparison, model,
+                       train_examples)
   start = time.time()
   final = train.train_and_evaluate(config, os.path.join(workdir, method))
   seconds = time.time() - start
@@ -112,7 +140,7 @@ def run_method(method: str, workdir: str, epochs: int | None, tiny: bool,
          'model': config.model.name, 'epochs': config.train.num_epochs,
          'train_examples': config.data.get('num_train_examples') or 50000,
          'epsilon': config.loss.epsilon,
-         'p': config.loss.p_end if method == 'cll' else None,
+         'p': config.loss.p_end if config.loss.name == 'cll' else None,
          'loss': config.loss.name,
          'bound': config.eval.bound,
          'clean_accuracy': final['test_accuracy'],
@@ -131,7 +159,9 @@ def run_method(method: str, workdir: str, epochs: int | None, tiny: bool,
 def run(tiny: bool = False, epochs: int | None = None,
         workdir: str = '/tmp/cll_jax_quality', tightness_pairs: int = 4000,
         tightness_steps: int = 1000, methods=None,
-        verbose: bool = True, comparison: str = '4c3f') -> list[dict]:
+        verbose: bool = True, comparison: str = '4c3f',
+        model: str | None = None,
+        train_examples: int | None = None) -> list[dict]:
   """Trains and evaluates every method; returns one row per method."""
   if comparison not in COMPARISONS:
     raise ValueError(f'comparison must be one of {sorted(COMPARISONS)}, got '
@@ -143,7 +173,8 @@ def run(tiny: bool = False, epochs: int | None = None,
   if comparison != '4c3f':
     workdir = os.path.join(workdir, comparison)
   rows = [run_method(m, workdir, epochs, tiny, tightness_pairs,
-                     tightness_steps, comparison) for m in methods]
+                     tightness_steps, comparison, model, train_examples)
+          for m in methods]
   os.makedirs(workdir, exist_ok=True)
   paths = [os.path.join(workdir, results_name(comparison))]
   if not tiny:
@@ -186,12 +217,17 @@ def main() -> None:
                       choices=sorted(COMPARISONS))
   parser.add_argument('--methods', default=None,
                       help='comma-separated subset (default: all)')
+  parser.add_argument('--model', default=None,
+                      help="another network for every method, e.g. 'sll_s'")
+  parser.add_argument('--train-examples', type=int, default=None,
+                      help='train on the first N images only')
   args = parser.parse_args()
   run(tiny=args.tiny, epochs=args.epochs, workdir=args.workdir,
       tightness_pairs=args.tightness_pairs,
       tightness_steps=args.tightness_steps,
       methods=args.methods.split(',') if args.methods else None,
-      comparison=args.comparison)
+      comparison=args.comparison, model=args.model,
+      train_examples=args.train_examples)
 
 
 if __name__ == '__main__':

@@ -270,7 +270,11 @@ def _section_constrained(rows) -> list[str]:
          'XLA\'s accounting of the compiled step (arguments + outputs + '
          'temporaries). LipConv-n: SOC convs with 6 series terms in '
          'training (each conv layer applies its 3x3 conv 5 times forward), '
-         'Householder activations, dense head.', '',
+         'Householder activations, dense head. `family_*`: one network per '
+         f'layer family at matched depth and width ({constrained.FAMILY_DEPTH}'
+         f' 3x3 convs at {constrained.FAMILY_WIDTH} channels on 32x32, a '
+         'scaled sum-pool by 4, a dense head; `benchmarks/constrained.py`).',
+         '',
          '| network | layers | parameters | median ms | min ms | cpu ms | '
          'x 4C3F | peak MiB | compile s |', '|---|---|---|---|---|---|---|---|---|']
   base = next((r['median_ms'] for r in rows if r['network'] == '4c3f'), None)
@@ -316,6 +320,47 @@ def _section_quality_lipconv() -> list[str]:
   return out + [f'Command: `{command}`; {r0["train_examples"]} training '
                 'images, bound `' + r0['bound'] + '` (SOC layers: proven).',
                 '', quality.markdown_table(rows)]
+
+
+# The 1-Lipschitz families' side-by-side runs: CLL vs the family's loss,
+# and what the CLL paper reports for the XL networks (table 2, CIFAR-10,
+# CRA at 36/255, 200 / 1000 epochs).
+FAMILY_QUALITY = {'cpl': "CPL's hinge", 'sll': 'offset CE (SLL)',
+                  'aol': 'offset CE (AOL)', 'sandwich': 'offset CE (LBDN)'}
+PAPER_FAMILY_GAINS = {'cpl': '+1.5 (CPL-XL)', 'sll': 'about 0 (SLL-XL)'}
+
+
+def _section_quality_families() -> list[str]:
+  out = ['## 7c. Certified quality, offline CIFAR-10: CLL vs each 1-Lipschitz '
+         "family's own loss", '']
+  found = False
+  for family, own in FAMILY_QUALITY.items():
+    rows = _quality_rows(family)
+    if rows is None:
+      continue
+    found = True
+    by = {r['method']: r for r in rows}
+    r0 = rows[0]
+    line = (f"**{family}** ({r0['model']}, {r0['epochs']} epochs, "
+            f"{r0['train_examples']} training images), CLL vs {own}")
+    if 'cll' in by and family in by:
+      gain = 100 * (by['cll']['cra_36'] - by[family]['cra_36'])
+      line += f': CLL - own at 36/255 {gain:+.1f} points'
+    if family in PAPER_FAMILY_GAINS:
+      line += f' (paper: {PAPER_FAMILY_GAINS[family]})'
+    command = (f"python -m benchmarks.quality --comparison {family} "
+               f"--epochs {r0['epochs']} --model {r0['model']}")
+    if r0['train_examples'] != 50000:
+      command += f" --train-examples {r0['train_examples']}"
+    if 'tightness_pairs' in r0:
+      command += (f" --tightness-pairs {r0['tightness_pairs']} "
+                  f"--tightness-steps {r0['tightness_steps']}")
+    out += [line + '.', '', f'Command: `{command}`.', '',
+            quality.markdown_table(rows), '']
+  if not found:
+    out.append('Not run yet: `python -m benchmarks.quality --comparison '
+               '{cpl,sll,aol,sandwich} --epochs E [--model NAME]`.')
+  return out
 
 
 def _section_quality() -> list[str]:
@@ -465,7 +510,9 @@ def run(tiny: bool = False, repeats: int | None = None,
     if sound is None and 'sound_bounds' not in skip:
       sound = 'see errors'
   constrained_rows = measure('constrained', lambda: constrained.run(
-      tiny=tiny, repeats=max(repeats // 2, 2), verbose=False))
+      tiny=tiny, repeats=max(repeats // 2, 2), verbose=False,
+      networks=list(constrained.NETWORKS) + [
+          f'family_{f}' for f in constrained.FAMILIES]))
   lipschitz_lt = measure('liplt', lambda: liplt_benchmark.run(
       tiny=tiny, train_steps=2 if tiny else 0, verbose=False,
       models_to_run=None if tiny else ('4c3f', '6c2f')))
@@ -518,6 +565,7 @@ def run(tiny: bool = False, repeats: int | None = None,
   sections += _section_moons() + ['']
   sections += _section_quality() + ['']
   sections += _section_quality_lipconv() + ['']
+  sections += _section_quality_families() + ['']
   sections += _section_studies() + ['']
   if errors:
     sections += ['## Errors', ''] + [f'```\n{e}\n```' for e in errors]

@@ -158,6 +158,17 @@ def validate_config(config: ml_collections.ConfigDict,
       _fail('loss.crm_lambda', l.crm_lambda, 'must be >= 0')
   if not l.get('soc_gamma', 0.0) >= 0:
     _fail('loss.soc_gamma', l.soc_gamma, 'must be >= 0')
+  if not 0 <= l.get('margin', 0.0) < math.inf:
+    _fail('loss.margin', l.margin, 'must be finite and >= 0')
+  if not 0 <= l.get('offset_ce_offset', 0.0) < math.inf:
+    _fail('loss.offset_ce_offset', l.offset_ce_offset,
+          'must be finite and >= 0')
+  if not 0 < l.get('temperature', 1.0) < math.inf:
+    _fail('loss.temperature', l.temperature, 'must be finite and > 0')
+  if o.get('schedule', 'step') not in steps.LR_SCHEDULES:
+    _fail('optimizer.schedule', o.schedule, f'known: {steps.LR_SCHEDULES}')
+  if not 0 < o.get('peak_fraction', 0.4) < 1:
+    _fail('optimizer.peak_fraction', o.peak_fraction, 'must lie in (0, 1)')
   if o.get('name', 'adam') not in steps.OPTIMIZERS:
     _fail('optimizer.name', o.name, f'known: {steps.OPTIMIZERS}')
   if o.get('weight_decay', 0.0) < 0:

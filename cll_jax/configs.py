@@ -55,8 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.augment.max_rotation_degrees = 2.0  # Uniform in [-2, 2] degrees.
 
   c.loss = ml_collections.ConfigDict()
-  # 'cll', 'gloro', 'gloro_trades', 'crm', 'soc' or 'ce'
-  # (cll_jax.objectives).
+  # 'cll', 'gloro', 'gloro_trades', 'crm', 'soc', 'multi_margin' (CPL),
+  # 'offset_ce' (AOL, SLL, LBDN) or 'ce' (cll_jax.objectives).
   c.loss.name = 'cll'
   c.loss.epsilon = 0.15  # Training margin radius eps (CLL table B4).
   c.loss.epsilon_schedule = 'fixed'  # 'fixed' or GloRo's 'logarithmic'.
@@ -98,12 +98,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.crm_warmup_epochs = 10  # Plain cross-entropy for these epochs.
   # SOC's certificate regulariser gamma (loss 'soc', Singla et al. 2022).
   c.loss.soc_gamma = 0.0
+  # CPL's multi-class hinge margin m (loss 'multi_margin').
+  c.loss.margin = 0.7
+  # The offset cross-entropy of AOL / SLL / LBDN (loss 'offset_ce'):
+  # t * CE((f - u onehot(y)) / t) with offset u and temperature t.
+  c.loss.offset_ce_offset = 1.5
+  c.loss.temperature = 0.25
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adam'  # 'adam' (CLL) or 'sgd' (SOC's recipe).
   c.optimizer.momentum = 0.9  # SGD momentum (sgd only).
   c.optimizer.nesterov = False  # Nesterov momentum (sgd only).
-  c.optimizer.learning_rate = 1e-3  # Base learning rate.
+  c.optimizer.learning_rate = 1e-3  # Base (triangular: peak) learning rate.
+  # 'step' (x decay_factor at decay_epochs: CLL, SOC) or 'triangular' (0 ->
+  # learning_rate at peak_fraction of the run -> 0: CPL, SLL, LBDN).
+  c.optimizer.schedule = 'step'
+  c.optimizer.peak_fraction = 0.4
   c.optimizer.decay_epochs = (400, 600, 780)  # x decay_factor at these.
   c.optimizer.decay_factor = 0.1
   # Decoupled (adam: AdamW) or L2 (sgd) weight decay on kernels; the CLL
@@ -329,3 +339,58 @@ def use_lipconv(c: ml_collections.ConfigDict, *, depth: int, loss: str,
     c.optimizer.learning_rate = 0.1
   else:
     raise ValueError(f"loss must be 'cll' or 'soc', got {loss!r}")
+
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+# The 1-Lipschitz families' own losses (cll_jax.objectives).
+FAMILY_LOSSES = {'cpl': 'multi_margin', 'sll': 'offset_ce',
+                 'sandwich': 'offset_ce', 'aol': 'offset_ce'}
+
+
+def use_constrained(c: ml_collections.ConfigDict, *, family: str, size: str,
+                    loss: str, epochs: int, learning_rate: float,
+                    input_mean=CIFAR10_MEAN, batch_size: int = 256,
+                    tiny: bool = False) -> None:
+  """A 1-Lipschitz network of `family` ('cpl', 'sll', 'sandwich', 'aol').
+
+  The recipe of the CPL, SLL and LBDN code bases (CLL table B4 for the CLL
+  rows): Adam at `learning_rate` with the triangular schedule, batch 256,
+  crop (padding 4) and flip only, the mean subtracted (no std division, so
+  the input scale stays 1). `loss`: 'cll' (CLL with an unconstrained dense
+  head, K detached, the official code's p convention; the caller sets eps,
+  p, lambda) or the family's own ('cpl': CPL's multi-class hinge, margin
+  0.7; 'sll', 'sandwich', 'aol': the offset cross-entropy, offset 1.5,
+  temperature 0.25), both of those with an LLN head and no K^2 term.
+  `tiny`: the family's tiny network, for local runs and tests.
+  """
+  if family not in FAMILY_LOSSES:
+    raise ValueError(f'family must be one of {sorted(FAMILY_LOSSES)}, got '
+                     f'{family!r}')
+  c.model.name = f'{family}_{"tiny" if tiny else size}'
+  # MaxMin acts only after AOL layers; CPL, SLL and Sandwich layers carry
+  # their ReLU inside.
+  c.model.activation = 'minmax'
+  c.model.input_mean = tuple(input_mean)
+  c.model.num_power_iterations = 1  # CPL: one update per step
+  c.data.augment.color_jitter = 0.0
+  c.data.augment.max_rotation_degrees = 0.0
+  c.train.num_epochs = epochs
+  c.train.batch_size = batch_size
+  c.optimizer.name = 'adam'
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.schedule = 'triangular'
+  c.optimizer.decay_epochs = ()
+  if loss == 'cll':
+    c.model.head = 'dense'
+    c.loss.name = 'cll'
+    c.loss.p_convention = 'code'
+  elif loss == family or (loss == 'own'):
+    c.model.head = 'lln'
+    c.loss.name = FAMILY_LOSSES[family]
+    c.loss.lam = 0.0
+    c.loss.margin = 0.7
+    c.loss.offset_ce_offset = 1.5
+    c.loss.temperature = 0.25
+  else:
+    raise ValueError(f"loss must be 'cll' or {family!r}, got {loss!r}")

@@ -476,11 +476,13 @@ def network_logit_error(model: models.LipschitzNetwork, variables,
   names = models.layer_names(model)
   for i, (name, spec) in enumerate(zip(names, model.architecture)):
     forms = spec.rounding_step(
-        {'params': params[name], 'power_iteration': state.get(name, {})},
+        {'params': params.get(name, {}),
+         'power_iteration': state.get(name, {})},
         shapes[i], forms, layer_norms[i], dtype=dtype,
         forward_dtype=forward_dtype)
-    forms = activation_step(model.activation, forms,
-                            forward_dtype=forward_dtype)
+    if spec.activated:
+      forms = activation_step(model.activation, forms,
+                              forward_dtype=forward_dtype)
   head = model.head_spec
   vectors = head.class_vectors(params['head'])
   vector_error = head.class_vector_error(vectors.shape[0], forward_dtype)

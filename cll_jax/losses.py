@@ -1,4 +1,5 @@
-"""Lipschitz-margin losses: CLL (binary, multiclass), GloRo, TRADES, CRM.
+"""Lipschitz-margin losses: CLL (binary, multiclass), GloRo, TRADES, CRM, and
+the losses of the 1-Lipschitz families (CPL's hinge, the offset cross-entropy).
 
 All losses are pure, jittable and differentiable, and return one value per
 example (no averaging inside), like `optax.losses`.
@@ -717,3 +718,87 @@ def certificate_regularized_loss(
   correct = jax.lax.stop_gradient(jnp.all(is_label | (gap > 0), axis=-1))
   return _label_nll(logits, labels) - gamma * jnp.where(
       correct, jax.nn.relu(radius), 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Losses of the 1-Lipschitz layer families (K = 1 by construction).
+# ---------------------------------------------------------------------------
+
+
+def _check_classification(logits, labels) -> int:
+  num_classes = _check_logits_2d(logits)
+  _check_labels(labels, jnp.shape(logits)[0], num_classes)
+  return num_classes
+
+
+def multi_margin_loss(
+    logits: Array,
+    labels: Array,
+    margin: ArrayLike,
+    power: int = 1,
+) -> Array:
+  r"""The multi-class hinge loss of CPL (Meunier et al., ICML 2022).
+
+  .. math::
+    \ell(x, y) = \frac{1}{N} \sum_{i \ne y}
+      \max(0, m - (f_y - f_i))^{q},
+
+  PyTorch's `multi_margin_loss` (its 1/N over all N classes included), which
+  CPL trains with. On a 1-Lipschitz network with an orthonormal-row head the
+  margin m is about sqrt(2) times the radius the loss aims at.
+
+  Args:
+    logits: `(B, N)` float logits.
+    labels: `(B,)` integer labels.
+    margin: scalar m >= 0.
+    power: q, 1 or 2.
+
+  Returns:
+    `(B,)` per-example losses.
+  """
+  num_classes = _check_classification(logits, labels)
+  _check_scalar('margin', margin)
+  _check_nonnegative('margin', margin)
+  if power not in (1, 2):
+    raise ValueError(f'power must be 1 or 2, got {power}')
+  z_label = jnp.take_along_axis(logits, labels[:, None], axis=1)
+  is_label = jnp.arange(num_classes)[None, :] == labels[:, None]
+  hinge = jax.nn.relu(margin - (z_label - logits)) ** power
+  return jnp.sum(jnp.where(is_label, 0.0, hinge), axis=-1) / num_classes
+
+
+def offset_cross_entropy(
+    logits: Array,
+    labels: Array,
+    offset: ArrayLike,
+    temperature: ArrayLike,
+) -> Array:
+  r"""The offset cross-entropy of AOL, SLL and LBDN (Prach & Lampert 2022).
+
+  .. math::
+    \ell(x, y) = t \cdot \mathrm{CE}\Bigl(\frac{f(x) - u\,e_y}{t}, y\Bigr),
+
+  the label's logit lowered by the offset u before a cross-entropy at
+  temperature t. CLL supp. A.1: it is CLL with a fixed scale t in place of
+  sigma(p) K, which is why CLL changes little on K = 1 networks trained
+  with it. Evaluated as `t * softplus(logsumexp_{i != y}(z_i - z_y))`
+  (`_label_nll`), accurate when the loss is tiny.
+
+  Args:
+    logits: `(B, N)` float logits.
+    labels: `(B,)` integer labels.
+    offset: scalar u >= 0.
+    temperature: scalar t > 0.
+
+  Returns:
+    `(B,)` per-example losses.
+  """
+  num_classes = _check_classification(logits, labels)
+  _check_scalar('offset', offset)
+  _check_nonnegative('offset', offset)
+  _check_scalar('temperature', temperature)
+  if _validation.is_concrete(temperature) and not float(temperature) > 0:
+    raise ValueError(f'temperature must be > 0, got {float(temperature)}')
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+  z = (logits - offset * onehot) / temperature
+  return temperature * _label_nll(z, labels)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from cll_jax import layers
 from cll_jax import lipschitz
 from cll_jax.layers import base as layer_base
+from cll_jax.layers import orthogonal
 from cll_jax.layers.soc import SOCConvSpec, SOCDenseSpec
 from cll_jax.layers.unconstrained import Conv, Dense
 from cll_jax.operators import LinearOperator
@@ -58,6 +59,94 @@ def lipconv(depth: int, init_channels: int = 32, blocks: int = 5
   return tuple(specs)
 
 
+def residual_network(family: str, n_conv: int, n_dense: int, width: int,
+                     dense_hidden: int, conv_hidden: int | None = None,
+                     pool: int = 4) -> tuple[layer_base.LayerSpec, ...]:
+  """The CPL / SLL network: residual 1-Lipschitz layers at one width.
+
+  As the CPL and SLL code builds it: the input's channels zero-padded to
+  `width`, `n_conv` residual convs (3x3, `conv_hidden` inner channels,
+  default `width`) at full resolution, a scaled sum-pool by `pool` (norm 1),
+  then `n_dense` residual dense layers on the flattened features
+  (`dense_hidden` inner units); the head (LLN in their code) is added by the
+  network. No activation between layers: each layer has its ReLU inside.
+  """
+  from cll_jax.layers import cpl, sll  # pylint: disable=g-import-not-at-top
+  conv, dense = {'cpl': (cpl.CPLConvSpec, cpl.CPLDenseSpec),
+                 'sll': (sll.SLLConvSpec, sll.SLLDenseSpec)}[family]
+  return ((orthogonal.PadChannels(width),)
+          + tuple(conv(conv_hidden or width) for _ in range(n_conv))
+          + (orthogonal.ScaledSumPool(pool),)
+          + tuple(dense(dense_hidden) for _ in range(n_dense)))
+
+
+# (convs, dense layers, width, dense inner units) of SLL's sizes (the SLL
+# code's `reproduce_tables.py`); CLL evaluates CPL and SLL on the same XL
+# network ("XL [2, 29]", 85 layers: 70 convs + 15 dense).
+RESIDUAL_SIZES = {'s': (20, 7, 45, 2048), 'm': (30, 10, 60, 2048),
+                  'l': (50, 10, 90, 2048), 'xl': (70, 15, 120, 2048),
+                  'tiny': (2, 1, 8, 32)}
+
+
+def sandwich_network(width: int, dense: Sequence[int],
+                     multipliers: Sequence[int] = (1, 1, 2, 2, 4, 4, 8, 8)
+                     ) -> tuple[layer_base.LayerSpec, ...]:
+  """The LBDN conv network (Wang & Manchester 2023): 8 Sandwich convs.
+
+  Widths w, w, 2w, 2w, 4w, 4w, 8w, 8w, every second conv with stride 2
+  (an orthogonal space-to-depth inside the layer), then Sandwich dense
+  layers of `dense` units; width 64 with dense (2048, 2048, 1024) is the
+  Tiny-ImageNet network CLL compares with (64 -> 512 channels).
+  """
+  from cll_jax.layers import sandwich  # pylint: disable=g-import-not-at-top
+  convs = []
+  for i, mult in enumerate(multipliers):
+    convs.append(sandwich.SandwichConvSpec(width * mult, 3, 2 if i % 2 else 1))
+  return tuple(convs) + tuple(sandwich.SandwichDenseSpec(n) for n in dense)
+
+
+SANDWICH_SIZES = {'s': (32, (1024, 1024, 512)), 'm': (64, (2048, 2048, 1024)),
+                  'l': (128, (4096, 4096, 2048)),
+                  'tiny': (4, (32,), (1, 2))}
+
+
+def aol_network(width: int, per_block: int, blocks: int = 5,
+                dense: Sequence[int] = ()) -> tuple[layer_base.LayerSpec, ...]:
+  """An AOL conv network (Prach & Lampert 2022), MaxMin after every AOL layer.
+
+  `blocks` blocks of `per_block` 3x3 AOL convs at one resolution, each block
+  closed by a space-to-depth (4x the channels, norm 1) and a 1x1 AOL conv
+  to twice the block's width; then AOL dense layers. AOL has no native
+  stride, hence the parameter-free downsampling.
+  """
+  from cll_jax.layers import aol  # pylint: disable=g-import-not-at-top
+  specs, channels = [], width
+  for _ in range(blocks):
+    specs += [aol.AOLConvSpec(channels, 3) for _ in range(per_block)]
+    specs += [orthogonal.SpaceToDepth(2), aol.AOLConvSpec(2 * channels, 1)]
+    channels *= 2
+  return tuple(specs) + tuple(aol.AOLDenseSpec(n) for n in dense)
+
+
+# (width, convs per block, dense layers[, blocks])
+AOL_SIZES = {'small': (16, 2, (256,)), 'large': (64, 4, (1024,)),
+             'tiny': (4, 1, (16,), 2)}
+
+
+def _constrained_architectures() -> dict[str, tuple[layer_base.LayerSpec,
+                                                    ...]]:
+  nets = {}
+  for size, (n_conv, n_dense, width, hidden) in RESIDUAL_SIZES.items():
+    for family in ('cpl', 'sll'):
+      nets[f'{family}_{size}'] = residual_network(family, n_conv, n_dense,
+                                                  width, hidden)
+  for size, (width, dense, *mults) in SANDWICH_SIZES.items():
+    nets[f'sandwich_{size}'] = sandwich_network(width, dense, *mults)
+  for size, (width, per_block, dense, *blocks) in AOL_SIZES.items():
+    nets[f'aol_{size}'] = aol_network(width, per_block, *blocks, dense=dense)
+  return nets
+
+
 ARCHITECTURES: dict[str, tuple[layer_base.LayerSpec, ...]] = {
     # Table B1: 2-10-20-40-40-20-10-2 (the head adds the last 2).
     'moons_mlp': tuple(Dense(n) for n in (10, 20, 40, 40, 20, 10)),
@@ -78,6 +167,8 @@ ARCHITECTURES: dict[str, tuple[layer_base.LayerSpec, ...]] = {
     # Dense SOC MLPs of CLL fig. D3 (two-moons; width 32, input zero-padded).
     **{f'soc_mlp{n}': tuple(SOCDenseSpec(32) for _ in range(n))
        for n in (3, 7, 25)},
+    # CPL / SLL (residual), LBDN (Sandwich), AOL, each with a tiny size.
+    **_constrained_architectures(),
 }
 
 # Activations: (function or None for a module with parameters, slope
@@ -181,7 +272,8 @@ class LipschitzNetwork(nn.Module):
       x, sigma = module(x)
       modules.append(module)
       norms.append(sigma)
-      x = self._activation(i)(x)
+      if spec.activated:
+        x = self._activation(i)(x)
     x = x.reshape(x.shape[0], -1)
     head = self.head_spec.module(self.num_classes, self.num_power_iterations)
     logits, head_norm = head(x)
@@ -313,7 +405,7 @@ def create_model(name: str, num_classes: int, *, activation: str = 'minmax',
           f'with head {head!r} has others')
   if activation in ('minmax', 'householder'):
     for spec in architecture:
-      if spec.features % 2:
+      if spec.activated and spec.features % 2:
         raise ValueError(f'{activation} needs even widths; {name} has {spec}')
   return LipschitzNetwork(
       architecture=architecture, num_classes=num_classes,
@@ -386,8 +478,8 @@ def certified_bounds(model: LipschitzNetwork, variables,
   for name, spec, shape in zip(layer_names(model), model.architecture,
                                layer_input_shapes(model, input_shape)):
     bounds.append(spec.certified_bound(
-        {'params': params[name], layers.POWER_ITERATION: state.get(name, {})},
-        shape))
+        {'params': params.get(name, {}),
+         layers.POWER_ITERATION: state.get(name, {})}, shape))
   allowance = 1.0 + sound_bounds.DEFAULT_RELATIVE_FLOAT_ALLOWANCE
   head_params = params['head']
   head_norm = sound_bounds.operator_norm_upper_bound(
@@ -418,7 +510,9 @@ def converge_power_iteration(model: LipschitzNetwork, variables,
   new_state = {}
   for name, spec, shape in zip(layer_names(model), specs,
                                layer_input_shapes(model, input_shape)):
-    ops = spec.power_iteration_operators(params[name], shape)
+    ops = spec.power_iteration_operators(params.get(name, {}), shape)
+    if not ops:
+      continue  # a layer without power iteration (parameter-free, AOL, ...)
     new_state[name] = {
         var: lipschitz.converge_power_iteration(
             op, state[name][var], tol=tol, max_iterations=max_iterations)[0]

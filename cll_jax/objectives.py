@@ -195,3 +195,21 @@ def _ce(cfg, sched, out, labels, step, epoch):
   del cfg, epoch
   return (optax.softmax_cross_entropy_with_integer_labels(out.logits, labels),
           {'epsilon': sched.epsilon(step)})
+
+
+@register('multi_margin')
+def _multi_margin(cfg, sched, out, labels, step, epoch):
+  # CPL's loss (Meunier et al. 2022): the hinge on raw logit differences;
+  # the network's K is 1 by construction, so the loss does not read it.
+  del epoch
+  return (losses.multi_margin_loss(out.logits, labels, cfg.margin),
+          {'epsilon': sched.epsilon(step)})
+
+
+@register('offset_ce')
+def _offset_ce(cfg, sched, out, labels, step, epoch):
+  # AOL / SLL / LBDN's offset cross-entropy (CLL supp. A.1).
+  del epoch
+  return (losses.offset_cross_entropy(out.logits, labels, cfg.offset_ce_offset,
+                                      cfg.temperature),
+          {'epsilon': sched.epsilon(step)})

@@ -65,3 +65,20 @@ def gloro_epsilon(epsilon: float, kind: str,
 def linear(start: float, end: float, total_steps: int) -> optax.Schedule:
   """Linear ramp, e.g. the TRADES factor 0.5 -> 20 over 400 epochs (B4)."""
   return optax.linear_schedule(start, end, max(int(total_steps), 1))
+
+
+def triangular(peak: float, total_steps: int,
+               peak_fraction: float = 0.4) -> optax.Schedule:
+  """Linear warm-up from 0 to `peak`, then linear decay to 0 (one cycle).
+
+  The 'triangular' schedule of CPL's and SLL's code (peak at 2/5 of the
+  run), used for their XL rows and CLL's on them (CLL table B4), as two
+  joined optax linear schedules.
+  """
+  if not 0 < peak_fraction < 1:
+    raise ValueError(f'peak_fraction must lie in (0, 1), got {peak_fraction}')
+  total = max(int(total_steps), 2)
+  up = min(max(int(round(peak_fraction * total)), 1), total - 1)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, up),
+       optax.linear_schedule(peak, 0.0, total - up)], [up])

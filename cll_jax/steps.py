@@ -79,8 +79,21 @@ def create_model(config: ml_collections.ConfigDict,
       liplt_power_iterations=m.get('liplt_power_iterations'))
 
 
+# `config.optimizer.schedule`: 'step' (decay by a factor at epochs: CLL,
+# SOC) or 'triangular' (CPL, SLL, LBDN: up to the rate, then down to 0).
+LR_SCHEDULES = ('step', 'triangular')
+
+
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   o = config.optimizer
+  kind = o.get('schedule', 'step')
+  if kind == 'triangular':
+    return schedules.triangular(
+        o.learning_rate, config.train.num_epochs * steps_per_epoch,
+        o.get('peak_fraction', 0.4))
+  if kind != 'step':
+    raise ValueError(f'optimizer.schedule must be one of {LR_SCHEDULES}, got '
+                     f'{kind!r}')
   return schedules.learning_rate(o.learning_rate, steps_per_epoch,
                                  o.decay_epochs, o.decay_factor)
 

@@ -88,6 +88,10 @@ class LayerSpec(Protocol):
   bound_kind: ClassVar[str]
   # Dense layers take flat inputs: the network flattens before them.
   flattens: ClassVar[bool]
+  # Whether the network applies its activation after the layer: False for
+  # layers with their own nonlinearity inside (residual CPL/SLL, Sandwich)
+  # and for parameter-free reshapes and pooling.
+  activated: ClassVar[bool]
 
   def module(self, name: str, num_power_iterations: int) -> nn.Module:
     """The Flax module, `module(x) -> (y, training_bound)`."""

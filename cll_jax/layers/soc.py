@@ -307,6 +307,7 @@ class SOCConvSpec(_SeriesSpec):
 
   bound_kind: ClassVar[str] = base.PROVEN
   flattens: ClassVar[bool] = False
+  activated: ClassVar[bool] = True
 
   def module(self, name: str, num_power_iterations: int) -> nn.Module:
     return SOCConv(self.features, self.kernel_size, self.stride,
@@ -336,6 +337,7 @@ class SOCDenseSpec(_SeriesSpec):
 
   bound_kind: ClassVar[str] = base.PROVEN
   flattens: ClassVar[bool] = True
+  activated: ClassVar[bool] = True
 
   def module(self, name: str, num_power_iterations: int) -> nn.Module:
     return SOCDense(self.features, self.max_norm, self.terms_train,

@@ -122,6 +122,7 @@ class Conv(_EstimatedLinearSpec):
 
   bound_kind: ClassVar[str] = base.ESTIMATED
   flattens: ClassVar[bool] = False
+  activated: ClassVar[bool] = True
 
   def module(self, name: str, num_power_iterations: int) -> nn.Module:
     return LipschitzConv(self.features, self.kernel_size, self.stride,
@@ -150,6 +151,7 @@ class Dense(_EstimatedLinearSpec):
 
   bound_kind: ClassVar[str] = base.ESTIMATED
   flattens: ClassVar[bool] = True
+  activated: ClassVar[bool] = True
 
   def module(self, name: str, num_power_iterations: int) -> nn.Module:
     return LipschitzDense(self.features,

@@ -1,0 +1,36 @@
+r"""CIFAR-10, CPL-XL, CLL or CPL's loss (CLL table 2 and table B4).
+
+  python -m experiments.main --config=experiments/cifar10_cpl_xl.py \
+      --workdir=/tmp/cifar10_cpl_xl
+  # CPL's own loss and LLN head, the paper's baseline row:
+  python -m experiments.main --config=experiments/cifar10_cpl_xl.py:loss=cpl
+  # The offline JPEG copy, a two-epoch smoke run on the tiny CPL network:
+  python -m experiments.main \
+      --config=experiments/cifar10_cpl_xl.py:data=offline,tiny
+
+Table B4 (CLL on CPL-XL): 200 epochs, batch 256, Adam 1e-3 with the triangular
+schedule, eps 0.25, p 0.1 (the code's p), lambda 1e-3. The p of table B4 is the
+official code's (`clip_p`, p_code / 2 on each side of the margin), hence
+`loss.p_convention = 'code'`. The XL network: 70 residual convs and 15 residual
+dense layers (`cll_jax.models.RESIDUAL_SIZES`).
+
+Arguments: loss ('cll' or 'cpl'), data ('tfds' or 'offline'), tiny.
+"""
+
+from cll_jax import configs
+
+
+def get_config(arg=None):
+  arg = configs.parse_arg(arg, loss='cll', data='tfds', tiny=False)
+  c = configs.default_config()
+  configs.set_cifar10_source(c, arg.data)
+  configs.use_constrained(c, family='cpl', size='xl', loss=arg.loss,
+                          epochs=200, learning_rate=1e-3,
+                          input_mean=configs.CIFAR10_MEAN, tiny=arg.tiny)
+  if arg.loss == 'cll':
+    c.loss.epsilon = 0.25  # eps_train (B4); also the CLL offset delta.
+    c.loss.p_start = c.loss.p_end = 0.1  # B4's p (the code's convention).
+    c.loss.lam = 0.001  # lambda (B4).
+  if arg.tiny:
+    configs.make_tiny(c)
+  return c
