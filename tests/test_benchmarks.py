@@ -33,7 +33,7 @@ def test_plain_forward_matches_model_logits():
   from cll_jax import models  # pylint: disable=g-import-not-at-top
   model = models.create_model('tiny_cnn', 10)
   x = jax.random.uniform(jax.random.PRNGKey(0), (3, 8, 8, 3))
-  variables = model.init(jax.random.PRNGKey(1), x)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
   np.testing.assert_allclose(
       plain_forward(model, variables['params'], x),
       model.apply(variables, x).logits, rtol=1e-5, atol=1e-6)
@@ -157,7 +157,7 @@ def test_run_writes_report(tmp_path):
 
 def test_constrained_step_benchmark_tiny():
   from benchmarks import constrained  # pylint: disable=g-import-not-at-top
-  rows = constrained.run(tiny=True, repeats=1, models=('4c3f', 'lipconv20'),
+  rows = constrained.run(tiny=True, repeats=1, networks=('4c3f', 'lipconv20'),
                          verbose=False)
   assert [r['network'] for r in rows] == ['4c3f', 'lipconv20']
   for r in rows:

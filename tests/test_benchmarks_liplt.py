@@ -15,8 +15,9 @@ TINY = bench.TINY_CASES[0]
 def _tiny_model_and_params(seed: int = 0):
   model = models.create_model(TINY.name, TINY.num_classes, activation='relu',
                               bound='liplt')
-  params = model.init(jax.random.PRNGKey(seed),
-                      jnp.zeros((1, *TINY.input_shape)))['params']
+  # Jitted: an eager init compiles each of its operations on its own.
+  params = jax.jit(model.init)(jax.random.PRNGKey(seed),
+                               jnp.zeros((1, *TINY.input_shape)))['params']
   return model, params
 
 

@@ -23,33 +23,14 @@ from cll_jax import certify
 from cll_jax import forward_error
 from cll_jax import train
 from experiments import certify as certify_cli
-from experiments import cifar10_4c3f
-import image_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp('images'))
-  image_fixtures.write_image_folder(root)
-  workdir = str(tmp_path_factory.mktemp('run'))
-  config = cifar10_4c3f.get_config('data=offline,tiny')
-  config.data.kwargs.root = root
-  config.data.kwargs.cache_dir = os.path.join(root, 'cache')
-  config.model.name = 'tiny_cnn'
-  config.train.num_epochs = 5
-  config.train.batch_size = 32
-  config.eval.batch_size = 40  # 96 test images: a padded last batch
-  config.train.eval_every_epochs = 5
-  config.train.progress_bar = False
-  config.data.num_train_examples = None
-  config.data.num_test_examples = None
-  config.data.augment.enabled = False
-  config.loss.epsilon = 0.3
-  config.eval.radii = (0.05, 0.1)
-  final = train.train_and_evaluate(config, workdir)
-  return dict(root=root, workdir=workdir, config=config, final=final)
+@pytest.fixture
+def run(trained_image_run):
+  """The tiny_cnn of conftest.py (6 epochs, eval batch 40, radii 0.05, 0.1)."""
+  return trained_image_run
 
 
 def test_certify_cli_reproduces_the_runs_own_evaluation(run, tmp_path):
@@ -70,8 +51,7 @@ def test_radii_equal_the_training_path_and_survive_pgd(run):
   x, labels, _ = certifier_lib.load_inputs('test', c)
   result = c.certify(x, labels)
   # The training loop's own certification path, from the checkpoint.
-  model, state = train.restore_state(run['config'], run['workdir'], 4,
-                                     (8, 8, 3))
+  model, state = run['model'], run['state']
   # As the loop evaluates: jitted, from the state, in `eval.precision`
   # (float64), every margin giving up the logits' rounding bound.
   with forward_error.precision_scope('float64'):

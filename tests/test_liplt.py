@@ -285,6 +285,35 @@ def test_pairwise_gradient_is_finite():
     assert np.any(np.asarray(g.kernel) != 0)
 
 
+def test_chunked_pairwise_gradient_equals_one_chunk_on_conv_net():
+  # What a many-class CRM step differentiates (Tiny-ImageNet's 200 classes
+  # take 13 chunks of 16): through product norms and pairwise bounds, the
+  # kernel gradients of a weighted sum of the chunked pairwise bounds (7
+  # classes in chunks of 3, the last one padded) equal the single chunk's.
+  rng = np.random.default_rng(8)
+  ops = _conv_net(8)[:-1] + [LinearOperator(
+      jnp.asarray(0.3 * rng.normal(size=(27, 7)), jnp.float32), 'dense',
+      (27,))]
+  states = liplt.init_product_states(ops, jax.random.PRNGKey(0))
+  weights = jnp.asarray(rng.uniform(size=(7, 7)), jnp.float32)
+
+  def loss(ops, chunk):
+    norms, _ = liplt.product_norms(ops, states, 2)
+    return jnp.sum(weights * liplt.liplt_pairwise_bound(
+        ops, norms, 0.0, 1.0, class_chunk_size=chunk))
+
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  chunked_value, chunked = grad(ops, 3)
+  whole_value, whole = grad(ops, 7)
+  np.testing.assert_allclose(float(chunked_value), float(whole_value),
+                             rtol=1e-6)
+  for c, w in zip(chunked, whole):
+    scale = np.abs(np.asarray(w.kernel)).max()
+    assert scale > 0
+    np.testing.assert_allclose(np.asarray(c.kernel), np.asarray(w.kernel),
+                               rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_product_norm_gradient_matches_svd_gradient():
   ops = _mlp(40, (5, 7, 4))
   states = liplt.init_product_states(ops, jax.random.PRNGKey(1))

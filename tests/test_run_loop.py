@@ -307,6 +307,8 @@ def test_model_refuses_integer_images():
   config = moons_config()
   config.model.name = 'tiny_cnn'
   model = train.create_model(config, 4)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  # Jitted: an eager init compiles each of its operations on its own.
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0),
+                                  jnp.zeros((1, 8, 8, 3)))
   with pytest.raises(ValueError, match='uint8.*to_float'):
     model.apply(variables, jnp.zeros((1, 8, 8, 3), jnp.uint8))

@@ -16,6 +16,7 @@ import pytest
 from cll_jax import attacks
 from cll_jax import certify
 from cll_jax import configs
+from cll_jax import forward_error
 from cll_jax import layers
 from cll_jax import models
 from cll_jax import sound_bounds
@@ -36,19 +37,30 @@ def trained(tmp_path_factory):
   config.train.num_epochs = 2
   config.train.eval_every_epochs = 2
   config.train.progress_bar = False
-  final = train.train_and_evaluate(config, workdir)
+  # One device: the SOC bounds and power iterations are replicated work,
+  # which 8 fake devices on 2 cores would repeat 8 times (the data-parallel
+  # loop is tested in test_shipped_configs and test_train).
+  final = train.train_and_evaluate(config, workdir,
+                                   devices=jax.devices()[:1])
   dataset = train.load_dataset(config)
   model, state = train.restore_state(config, workdir, 10, (32, 32, 3))
   x = jnp.asarray(dataset.test_images, jnp.float32) / 255.0
+  # The sound bounds as the run's own evaluation computes them (jitted, in
+  # `eval.precision`, float64, from the state replicated over the run's
+  # mesh: the loop's own program, from JAX's compilation cache), once for
+  # both tests.
+  on_mesh = jax.device_put(state, jax.sharding.NamedSharding(
+      train.make_mesh(jax.devices()[:1]), jax.sharding.PartitionSpec()))
+  with forward_error.precision_scope(config.eval.precision):
+    bounds = jax.jit(functools.partial(
+        train.certification_bounds, model=model, input_shape=(32, 32, 3),
+        method='sound'))(on_mesh)
   return dict(config=config, final=final, model=model, state=state, x=x,
-              labels=dataset.test_labels)
+              labels=dataset.test_labels, bounds=bounds)
 
 
 def test_certificate_is_the_product_of_proven_layer_bounds(trained):
-  model, state = trained['model'], trained['state']
-  bounds = jax.jit(functools.partial(
-      train.certification_bounds, model=model, input_shape=(32, 32, 3),
-      method='sound'))(state)
+  model, state, bounds = trained['model'], trained['state'], trained['bounds']
   layer_bounds = np.asarray(bounds['layer_norms'][:-1], np.float64)
   assert all(s.bound_kind == layers.PROVEN for s in model.architecture)
   assert np.all(layer_bounds >= 1) and np.all(layer_bounds <= 1 + 1e-5)
@@ -64,8 +76,7 @@ def test_certificate_is_the_product_of_proven_layer_bounds(trained):
 
 
 def test_pgd_breaks_no_certified_point(trained):
-  model, state = trained['model'], trained['state']
-  bounds = train.certification_bounds(state, model, (32, 32, 3), 'sound')
+  model, state, bounds = trained['model'], trained['state'], trained['bounds']
   apply_fn = lambda z: model.apply(state.variables, z).logits
   logits = jax.jit(apply_fn)(trained['x'])
   radius = np.asarray(certify.certified_radius(logits, bounds['pairwise']))

@@ -1,13 +1,12 @@
 """Certificates of trained models survive attacks and dominate lower bounds.
 
 Two small models are trained through the real loop (`train_and_evaluate`):
-two-moons and a tiny image classifier on a generated image folder. Their
-certificates (sound layer bounds, strict margin rule) are then attacked with
-multi-restart PGD at the certified radius, and the bounds are compared with
-empirical lower bounds (eq. 19) and exact Jacobian norms.
+two-moons and a tiny image classifier on a generated image folder (conftest's
+`trained_image_run`, shared with test_certifier.py). Their certificates
+(sound layer bounds, strict margin rule) are then attacked with multi-restart
+PGD at the certified radius, and the bounds are compared with empirical lower
+bounds (eq. 19) and exact Jacobian norms.
 """
-
-import os
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +17,7 @@ from cll_jax import attacks
 from cll_jax import certify
 from cll_jax import forward_error
 from cll_jax import train
-from experiments import cifar10_4c3f
 from experiments import moons_cll
-import image_fixtures
 
 
 @pytest.fixture(scope='module')
@@ -40,36 +37,24 @@ def trained_moons(tmp_path_factory):
   train.train_and_evaluate(config, workdir)
   dataset = train.load_dataset(config)
   model, state = train.restore_state(config, workdir, 2, (2,))
-  return dict(config=config, model=model, state=state,
-              x=jnp.asarray(dataset.test_images), input_shape=(2,),
-              clip=(None, None))
+  return _with_bounds(dict(config=config, model=model, state=state,
+                           x=jnp.asarray(dataset.test_images),
+                           input_shape=(2,), clip=(None, None)))
 
 
 @pytest.fixture(scope='module')
-def trained_images(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp('images'))
-  image_fixtures.write_image_folder(root)
-  workdir = str(tmp_path_factory.mktemp('images_run'))
-  config = cifar10_4c3f.get_config('data=offline,tiny')
-  config.data.kwargs.root = root
-  config.data.kwargs.cache_dir = os.path.join(root, 'cache')
-  config.model.name = 'tiny_cnn'
-  config.train.num_epochs = 6
-  config.train.batch_size = 32
-  config.eval.batch_size = 96
-  config.train.eval_every_epochs = 6
-  config.train.checkpoint_every_epochs = 6
-  config.train.progress_bar = False
-  config.data.num_train_examples = None
-  config.data.num_test_examples = None
-  config.data.augment.enabled = False
-  config.loss.epsilon = 0.3
-  train.train_and_evaluate(config, workdir)
-  dataset = train.load_dataset(config)
-  model, state = train.restore_state(config, workdir, 4, (8, 8, 3))
-  x = jnp.asarray(dataset.test_images, jnp.float32) / 255.0
-  return dict(config=config, model=model, state=state, x=x,
-              y=dataset.test_labels, input_shape=(8, 8, 3), clip=(0.0, 1.0))
+def trained_images(trained_image_run):
+  """The tiny_cnn of conftest.py (6 epochs, shared with test_certifier)."""
+  return _with_bounds(dict(trained_image_run, input_shape=(8, 8, 3),
+                           clip=(0.0, 1.0)))
+
+
+def _with_bounds(trained):
+  """Adds the sound bounds (jitted, once per model: every test reads them)."""
+  trained['bounds'] = jax.jit(lambda state: train.certification_bounds(
+      state, trained['model'], trained['input_shape'], 'sound'))(
+          trained['state'])
+  return trained
 
 
 @pytest.fixture(params=['trained_moons', 'trained_images'])
@@ -84,34 +69,30 @@ def _apply(trained):
 
 def test_pgd_breaks_no_certified_point(trained):
   apply_fn = _apply(trained)
-  bounds = train.certification_bounds(trained['state'], trained['model'],
-                                      trained['input_shape'], 'sound')
+  bounds = trained['bounds']
   x = trained['x']
-  logits = apply_fn(x)
+  logits = jax.jit(apply_fn)(x)
   radius = certify.certified_radius(logits, bounds['pairwise'])
   certified = np.asarray(radius > 0)
   assert certified.sum() >= 10, 'too few certified points to test'
   x, radius = x[certified], radius[certified]
   pred = jnp.argmax(logits[certified], -1)
   clip_min, clip_max = trained['clip']
+  # One compiled attack for both radii (the key is an argument).
+  attack = jax.jit(lambda x, r, key: attacks.pgd_l2_attack(
+      apply_fn, x, pred, r, rng=key, num_steps=60, num_restarts=16,
+      clip_min=clip_min, clip_max=clip_max)[1])
   # Just inside each point's own certified radius, many restarts.
-  _, margins = jax.jit(lambda x, r: attacks.pgd_l2_attack(
-      apply_fn, x, pred, r, rng=jax.random.PRNGKey(0), num_steps=60,
-      num_restarts=16, clip_min=clip_min, clip_max=clip_max))(
-          x, 0.999 * radius)
+  margins = attack(x, 0.999 * radius, jax.random.PRNGKey(0))
   assert np.all(np.asarray(margins) > 0)
   # Not vacuous: the same attack at 20x the radius flips some of them.
-  _, far = jax.jit(lambda x, r: attacks.pgd_l2_attack(
-      apply_fn, x, pred, r, rng=jax.random.PRNGKey(1), num_steps=60,
-      num_restarts=4, clip_min=clip_min, clip_max=clip_max))(
-          x, 20.0 * radius)
+  far = attack(x, 20.0 * radius, jax.random.PRNGKey(1))
   assert np.mean(np.asarray(far) <= 0) > 0.2
 
 
 def test_empirical_lower_bound_never_exceeds_sound_bound(trained):
   apply_fn = _apply(trained)
-  bounds = train.certification_bounds(trained['state'], trained['model'],
-                                      trained['input_shape'], 'sound')
+  bounds = trained['bounds']
   x1, x2 = attacks.sample_pairs(trained['x'], 64, jax.random.PRNGKey(2))
   clip_min, clip_max = trained['clip']
   best, per_pair = jax.jit(lambda a, b: attacks.empirical_lipschitz_lower_bound(
@@ -125,8 +106,7 @@ def test_empirical_lower_bound_never_exceeds_sound_bound(trained):
 
 def test_network_bound_dominates_jacobian_norms(trained):
   model, variables = trained['model'], trained['state'].variables
-  bounds = train.certification_bounds(trained['state'], model,
-                                      trained['input_shape'], 'sound')
+  bounds = trained['bounds']
   shape = trained['input_shape']
   points = jax.random.uniform(jax.random.PRNGKey(3), (32, *shape),
                               minval=-1.0, maxval=2.0)
@@ -134,7 +114,7 @@ def test_network_bound_dominates_jacobian_norms(trained):
   def logits_one(x):
     return model.apply(variables, x[None]).logits[0]
 
-  jac = jax.vmap(jax.jacobian(logits_one))(points)
+  jac = jax.jit(jax.vmap(jax.jacobian(logits_one)))(points)
   jac = np.asarray(jac, np.float64).reshape(32, jac.shape[1], -1)
   spectral = np.linalg.svd(jac, compute_uv=False)[:, 0]
   assert np.all(spectral <= float(bounds['lipschitz']))
