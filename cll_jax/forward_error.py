@@ -238,12 +238,18 @@ def input_forms(input_mean_norm: float, input_std_min: float, dtype,
 
 
 def linear_step(op: LinearOperator, bias, norm, forms: tuple[Form, Form], *,
-                dtype, forward_dtype) -> tuple[Form, Form]:
+                dtype, forward_dtype, abs_norm=None,
+                extra_roundings: int = 0) -> tuple[Form, Form]:
   """(X, E) after a dense/conv layer: R = gamma (A X + B), X' = S X + B + R,
-  E' = S E + R (module docstring)."""
+  E' = S E + R (module docstring).
+
+  `abs_norm` replaces A = || |W| || (`_abs_operator_norm(op)`) by a bound the
+  caller knows, and `extra_roundings` adds roundings per entry of W (e.g. a
+  kernel computed from parameters: gamma_{n+1+extra})."""
   x_form, e_form = forms
-  gamma = _gamma(_dot_length(op) + 1, dtype, forward_dtype)
-  a_norm = _rounding.round_up_into(_abs_operator_norm(op), dtype)
+  gamma = _gamma(_dot_length(op) + 1 + extra_roundings, dtype, forward_dtype)
+  a_norm = _rounding.round_up_into(
+      _abs_operator_norm(op) if abs_norm is None else abs_norm, dtype)
   b_norm = _bias_norm(op, bias, dtype)
   s = _rounding.round_up_into(norm, dtype)
   r_form = (gamma * (a_norm * x_form[0] + b_norm), gamma * a_norm * x_form[1])

@@ -286,20 +286,13 @@ def _certified_bound() -> jax.Array:
 def _rounding_step(op: LinearOperator, bias, abs_norm: float, norm, forms, *,
                    dtype, forward_dtype):
   """(X, E) after y = x W + b with W = fl(D^ P) (module docstring):
-  R = gamma_{n+3} (A X + B), X' = S X + B + R, E' = S E + R."""
+  `forward_error.linear_step` with gamma_{n+3} (the two roundings of W's
+  entries) and the a priori A = abs_norm (1 + u)."""
   from cll_jax import forward_error  # pylint: disable=g-import-not-at-top
-  # pylint: disable=protected-access
-  x_form, e_form = forms
-  gamma = forward_error._gamma(forward_error._dot_length(op) + 3, dtype,
-                               forward_dtype)
   u = _rounding.unit_roundoff(forward_dtype)
-  a_norm = _rounding.round_up_into(_up(abs_norm * (1 + u)), dtype)
-  b_norm = forward_error._bias_norm(op, bias, dtype)
-  # pylint: enable=protected-access
-  s = _rounding.round_up_into(norm, dtype)
-  r_form = (gamma * (a_norm * x_form[0] + b_norm), gamma * a_norm * x_form[1])
-  return ((s * x_form[0] + b_norm + r_form[0], s * x_form[1] + r_form[1]),
-          (s * e_form[0] + r_form[0], s * e_form[1] + r_form[1]))
+  return forward_error.linear_step(
+      op, bias, norm, forms, dtype=dtype, forward_dtype=forward_dtype,
+      abs_norm=_up(abs_norm * (1 + u)), extra_roundings=2)
 
 
 @dataclasses.dataclass(frozen=True)
