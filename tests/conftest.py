@@ -20,7 +20,8 @@ here, above every import of jax in the test session.
   of a level-2 run. Set XLA_FLAGS to choose another level.
 * Data caches and JAX's compilation cache go to a temporary folder removed
   after the session, not to `~/.cache/cll_jax` (set CLL_JAX_TEST_CACHE to
-  keep one between sessions).
+  keep one between sessions); pytest-xdist workers (`-n 2`, the README's
+  command) share the controller's folder.
 * `trained_image_run`: one tiny image classifier trained through the real
   loop, shared by the test files that attack and certify it.
 """
@@ -48,9 +49,17 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 _PRIVATE_CACHE = None
 if os.environ.get('CLL_JAX_TEST_CACHE'):
   os.environ['CLL_JAX_CACHE'] = os.environ['CLL_JAX_TEST_CACHE']
+elif (os.environ.get('PYTEST_XDIST_WORKER')
+      and os.environ.get('_CLL_JAX_SESSION_CACHE')):
+  # A pytest-xdist worker shares its controller's cache (inherited through
+  # the environment; the controller removes it): the workers then compile
+  # each program and decode each archive once between them. Both caches
+  # write atomically, so concurrent workers are safe.
+  os.environ['CLL_JAX_CACHE'] = os.environ['_CLL_JAX_SESSION_CACHE']
 else:
   _PRIVATE_CACHE = tempfile.mkdtemp(prefix='cll_jax_test_cache_')
   os.environ['CLL_JAX_CACHE'] = _PRIVATE_CACHE
+  os.environ['_CLL_JAX_SESSION_CACHE'] = _PRIVATE_CACHE
 # Many tests train the same tiny configs and compile the same XLA programs
 # (each `train_and_evaluate` call jits afresh); XLA's CPU compiles dominate
 # their time. JAX's persistent compilation cache, private to this session
