@@ -297,6 +297,18 @@ def _quality_rows(comparison: str):
     return json.load(f)
 
 
+def _quality_command(comparison: str, r0: dict) -> str:
+  """The `benchmarks.quality` command that reproduces a saved comparison."""
+  command = (f"python -m benchmarks.quality --comparison {comparison} "
+             f"--epochs {r0['epochs']} --model {r0['model']}")
+  if r0['train_examples'] != 50000:
+    command += f" --train-examples {r0['train_examples']}"
+  if 'tightness_pairs' in r0:
+    command += (f" --tightness-pairs {r0['tightness_pairs']} "
+                f"--tightness-steps {r0['tightness_steps']}")
+  return command
+
+
 def _section_quality_lipconv() -> list[str]:
   out = ['## 7b. Certified quality, offline CIFAR-10, LipConv-20: CLL vs SOC',
          '']
@@ -312,11 +324,7 @@ def _section_quality_lipconv() -> list[str]:
             f"{by['cll']['epochs']} epochs (paper, 200 epochs on the original "
             'CIFAR-10: +1.6).', '']
   r0 = rows[0]
-  command = (f"python -m benchmarks.quality --comparison lipconv20 "
-             f"--epochs {r0['epochs']}")
-  if 'tightness_pairs' in r0:
-    command += (f" --tightness-pairs {r0['tightness_pairs']} "
-                f"--tightness-steps {r0['tightness_steps']}")
+  command = _quality_command('lipconv20', r0)
   return out + [f'Command: `{command}`; {r0["train_examples"]} training '
                 'images, bound `' + r0['bound'] + '` (SOC layers: proven).',
                 '', quality.markdown_table(rows)]
@@ -348,13 +356,7 @@ def _section_quality_families() -> list[str]:
       line += f': CLL - own at 36/255 {gain:+.1f} points'
     if family in PAPER_FAMILY_GAINS:
       line += f' (paper: {PAPER_FAMILY_GAINS[family]})'
-    command = (f"python -m benchmarks.quality --comparison {family} "
-               f"--epochs {r0['epochs']} --model {r0['model']}")
-    if r0['train_examples'] != 50000:
-      command += f" --train-examples {r0['train_examples']}"
-    if 'tightness_pairs' in r0:
-      command += (f" --tightness-pairs {r0['tightness_pairs']} "
-                  f"--tightness-steps {r0['tightness_steps']}")
+    command = _quality_command(family, r0)
     out += [line + '.', '', f'Command: `{command}`.', '',
             quality.markdown_table(rows), '']
   if not found:
