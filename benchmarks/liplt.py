@@ -473,6 +473,16 @@ def format_markdown(rows: list[dict]) -> str:
             f"{TARGET_RATIO}: "
             + ('**met**' if ratio['median'] <= TARGET_RATIO else '**missed**')
             + '.')
+        products = by.get((model, 'product_norms'))
+        if ratio['median'] > TARGET_RATIO and products:
+          notes.append(
+              f"  What is left: the {POWER_ITERATIONS} warm-started "
+              f"product-norm iterations, {products:.0f} ms at Kaiming "
+              f"weights (`product_norms`, forward only) beside the naive "
+              f"step's {naive:.0f} ms; the pairwise chain is "
+              f"{by.get((model, 'pairwise_bound'), float('nan')):.0f} ms. "
+              'Fewer iterations per step (the vectors carry over between '
+              'steps) is the measured remedy, in the next line.')
   if notes:
     out += [''] + notes + [
         '* What moved the 4C3F LipLT step (measured 2026-12-02, load 2-5, '

@@ -173,6 +173,36 @@ def _torch_profile(model, state, batch, config, input_shape, load,
           for g in [g for g, _ in _TORCH_GROUPS] + ['elementwise + rest']]
 
 
+def _gap_to_torch(rows: list[dict]) -> list[str]:
+  """Where the step's gap to PyTorch lies, in CPU time (both sides summed
+  over threads, so comparable)."""
+  jax_cpu = {r['part']: r['cpu_ms'] for r in rows if r['framework'] == 'jax'}
+  torch_cpu = {r['part']: r['cpu_ms'] for r in rows
+               if r['framework'] == 'pytorch'}
+  needed = {'forward + all grads', 'power iteration', 'bound + grad', 'loss',
+            'adam', 'step'}
+  if not needed <= set(jax_cpu) or not torch_cpu:
+    return []
+  jax_net = jax_cpu['forward + all grads']
+  torch_net = sum(torch_cpu.get(k, 0.0) for k in
+                  ('conv forward', 'conv backward', 'matmul'))
+  jax_rest = sum(jax_cpu[k] for k in ('power iteration', 'bound + grad',
+                                      'loss', 'adam'))
+  torch_rest = sum(v for k, v in torch_cpu.items()
+                   if k not in ('conv forward', 'conv backward', 'matmul'))
+  return ['', f"* Where the gap is, in CPU time: JAX's step "
+          f"{jax_cpu['step']:.0f} ms, of which the network's forward and all "
+          f"its gradients (convolutions, MinMax and their gradients) "
+          f"{jax_net:.0f} ms and the power iteration, bound, loss and Adam "
+          f"{jax_rest:.0f} ms; PyTorch's step {torch_net + torch_rest:.0f} "
+          f"ms, of which its convolutions and matmuls (oneDNN) "
+          f"{torch_net:.0f} ms and everything else (MinMax, bound, loss, "
+          f"autograd, Adam) {torch_rest:.0f} ms. XLA's network alone takes "
+          f"more than PyTorch's whole step: the remaining gap is XLA's CPU "
+          'convolution kernels (section 1b: the formulations tried), not '
+          'the Lipschitz machinery.']
+
+
 def format_markdown(rows: list[dict]) -> str:
   out = ['## 1d. Profile of the 4C3F CLL step (`benchmarks.profile_step`)',
          '', __doc__.split('\n\n')[1].replace('\n', ' '), '',
@@ -195,6 +225,7 @@ def format_markdown(rows: list[dict]) -> str:
             '(both threads summed, so above the wall time):', '',
             '| part (PyTorch) | cpu ms |', '|---|---|']
     out += [f"| {r['part']} | {r['cpu_ms']:.1f} |" for r in torch_rows]
+    out += _gap_to_torch(rows)
   else:
     out += ['', f'* {torch_reference.SKIP_MESSAGE}.']
   return '\n'.join(out)

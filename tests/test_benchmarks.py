@@ -183,3 +183,40 @@ def test_studies_section_embeds_each_study_and_its_comparison(tmp_path,
   rel = os.path.relpath(str(folder), os.path.join(run_lib.REPO, 'benchmarks'))
   assert f'![slack.png]({rel}/slack.png)' in text
   assert text.index('| p | CRA |') < text.index('Shape as in the paper.')
+
+
+def test_profile_report_places_the_gap_from_cpu_times():
+  from benchmarks import profile_step  # pylint: disable=g-import-not-at-top
+  jax_cpu = {'forward': 50.0, 'forward + input grads': 100.0,
+             'forward + all grads': 200.0, 'power iteration': 10.0,
+             'bound + grad': 5.0, 'loss': 1.0, 'adam': 4.0, 'step': 220.0}
+  torch_cpu = {'conv backward': 30.0, 'conv forward': 20.0, 'matmul': 10.0,
+               'optimizer': 3.0, 'elementwise + rest': 37.0}
+  rows = [dict(framework='jax', part=k, median_ms=v, cpu_ms=v, load='1, 1, 1')
+          for k, v in jax_cpu.items()]
+  rows += [dict(framework='pytorch', part=k, median_ms=v, cpu_ms=v,
+                load='1, 1, 1') for k, v in torch_cpu.items()]
+  text = profile_step.format_markdown(rows)
+  # 10 + 5 + 1 + 4 = 20 ms of JAX's non-network work; PyTorch's step
+  # 100 ms = 60 ms of convs and matmuls + 40 ms of the rest.
+  assert ("JAX's step 220 ms, of which the network's forward and all its "
+          'gradients') in text
+  assert 'MinMax and their gradients) 200 ms' in text
+  assert 'Adam 20 ms' in text
+  assert "PyTorch's step 100 ms" in text and '(oneDNN) 60 ms' in text
+  assert 'autograd, Adam) 40 ms' in text
+  # Without the PyTorch rows there is nothing to compare.
+  assert 'Where the gap is' not in profile_step.format_markdown(
+      [r for r in rows if r['framework'] == 'jax'])
+
+
+def test_side_by_side_matched_eval_does_the_references_work():
+  from benchmarks import side_by_side  # pylint: disable=g-import-not-at-top
+  config = side_by_side._epoch_config(tiny=True, steps=2)  # pylint: disable=protected-access
+  matched = side_by_side._matched_eval_config(config)  # pylint: disable=protected-access
+  assert (matched.eval.bound, matched.eval.precision) == ('power', 'float32')
+  # The default run keeps its sound, float64 certification.
+  assert (config.eval.bound, config.eval.precision) == ('sound', 'float64')
+  matched.eval.bound = 'sound'
+  matched.eval.precision = 'float64'
+  assert matched.to_dict() == config.to_dict()
