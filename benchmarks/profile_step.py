@@ -124,7 +124,8 @@ def run(tiny: bool = False, repeats: int = 10, verbose: bool = True
   timings = time_alternating(calls, repeats)
   rows = [dict(benchmark='profile_step', framework='jax', part=name,
                median_ms=timings[name]['median_ms'],
-               cpu_ms=timings[name]['cpu_ms'], load=load)
+               cpu_ms=timings[name]['cpu_ms'], load=load,
+               model=config.model.name, batch=config.train.batch_size)
           for name, _ in calls]
   if verbose:
     for r in rows:

@@ -347,7 +347,8 @@ def member_record(member: Member, member_dir: str) -> dict[str, Any] | None:
   """The numbers of a finished member, None if it has not finished.
 
   Keys: name, role, params, loss, epsilon (eps_train), epsilon_schedule
-  ([kind, epochs]), clean_accuracy,
+  ([kind, epochs]), num_classes (None where the run recorded no data set),
+  clean_accuracy,
   cra (`{'%.4f' % radius: CRA}`, eps_train included), cra_train_eps,
   lipschitz_f (max_ij K_ij), lipschitz_hf (K^(h o f)), lipschitz_global,
   train_seconds, schedule, tightness (None or `cll_jax.tightness`'s record
@@ -371,6 +372,7 @@ def member_record(member: Member, member_dir: str) -> dict[str, Any] | None:
                    lipschitz_f=r.get('lipschitz_f'),
                    lipschitz_hf=r.get('lipschitz_hf'))
     history.append(entry)
+  dataset = run_records.read_json(member_dir, run_records.DATASET_FILE) or {}
   tight = run_records.read_json(member_dir, TIGHTNESS_FILE)
   if tight is not None:
     tight = dict(tight, tightness=tight['lipschitz_lower']
@@ -381,6 +383,7 @@ def member_record(member: Member, member_dir: str) -> dict[str, Any] | None:
       'loss': config['loss']['name'], 'epsilon': epsilon,
       'epsilon_schedule': [config['loss']['epsilon_schedule'],
                            config['loss']['epsilon_schedule_epochs']],
+      'num_classes': dataset.get('num_classes'),
       'clean_accuracy': float(final['test_accuracy']),
       'cra': cra, 'cra_train_eps': cra.get(_radius_key(epsilon)),
       'lipschitz_f': float(final['lipschitz_f']),

@@ -142,6 +142,8 @@ def test_margin_width_study_relative_gain(tmp_path, image_root):
   _run('margin_width', members, tmp_path, image_root)
   results, markdown = _check_outputs(tmp_path, 'margin_width',
                                      ['margin_width.png'], members)
+  # The image folder's 4 classes, read back from each run's dataset.json.
+  assert [m['num_classes'] for m in results['members']] == [4, 4]
   cll, _ = _member_files(tmp_path, 'cll_eps0.15')
   gloro, gloro_config = _member_files(tmp_path, 'gloro_eps0.15')
   # eps_test = eps_train: CRA at 0.15 (not only at 36/255 = 0.1412).
@@ -155,6 +157,40 @@ def test_margin_width_study_relative_gain(tmp_path, image_root):
   assert gloro_config['loss']['epsilon_schedule'] == 'logarithmic'
   assert gloro_config['loss']['epsilon_schedule_epochs'] == 1
   assert gloro['lipschitz_hf'] == gloro['lipschitz_f']
+
+
+def test_margin_width_flags_a_trivial_classifier(tmp_path):
+  # Numbers of results/studies/margin_width at eps 0.75 and 1.25: GloRo at
+  # 1.25 is at chance (10.01% on 10 classes) and certifies 99.6% of its
+  # correct points: (near) constant logits.
+  def record(method, eps, clean, cra, classes=10):
+    return {'params': {'method': method, 'epsilon': eps},
+            'num_classes': classes, 'clean_accuracy': clean,
+            'cra_train_eps': cra, 'lipschitz_f': 1.0, 'lipschitz_hf': 1.0,
+            'tightness': None}
+  records = [record('cll', 0.75, 0.427, 0.080),
+             record('gloro', 0.75, 0.210, 0.077),
+             record('cll', 1.25, 0.379, 0.034),
+             record('gloro', 1.25, 0.1001, 0.0997)]
+  assert [margin_width.is_trivial_classifier(r) for r in records] == [
+      False, False, False, True]
+  # Robust and accurate (two-moons-like) is not trivial; at chance with few
+  # certified points is not either; without a class count nothing is said.
+  assert not margin_width.is_trivial_classifier(
+      record('cll', 0.15, 1.0, 0.9999, classes=2))
+  assert not margin_width.is_trivial_classifier(
+      record('gloro', 1.25, 0.1, 0.05))
+  assert not margin_width.is_trivial_classifier(
+      record('gloro', 1.25, 0.1001, 0.0997, classes=None))
+  report = margin_width.report({'members': records}, str(tmp_path))
+  summary = report.summary
+  assert summary['trivial_classifiers'] == {'1.25': ['gloro']}
+  assert summary['min_relative_gain'] == pytest.approx(
+      (0.034 - 0.0997) / 0.0997)
+  assert summary['min_relative_gain_without_trivial'] == pytest.approx(
+      (0.080 - 0.077) / 0.077)
+  assert '| 1.25 | 3.4 | 10.0 * |' in report.markdown
+  assert 'Smallest gain without those radii: +3.9%' in report.markdown
 
 
 def test_lambda_study(tmp_path, image_root):
