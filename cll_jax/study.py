@@ -539,6 +539,7 @@ def run_study(study: Study, workdir: str, options: StudyOptions, *,
       study.members)
   pairs, steps = options.tightness_budget()
   failed: dict[str, str] = {}
+  trained: list[str] = []  # by this call; finished members are kept
   if not collect_only:
     # Every config is built and checked before anything trains.
     member_configs = {m.name: member_config(study, m, options)
@@ -553,6 +554,7 @@ def run_study(study: Study, workdir: str, options: StudyOptions, *,
       else:
         log(f'[{study.name}] {i}/{len(selected)} {m.name}: training in '
             f'{member_dir}')
+        trained.append(m.name)
         try:
           train.train_and_evaluate(config, member_dir, devices=devices)
         except train.NonFiniteError as e:
@@ -585,7 +587,9 @@ def run_study(study: Study, workdir: str, options: StudyOptions, *,
       'schedule': _common_schedule(records),
       'member_names': [m.name for m in study.members],
       'members': records, 'missing': missing, 'failed': failed,
-      'trained_now': [] if collect_only else [m.name for m in selected],
+      # Members trained (or failed) in this call, and its wall time; each
+      # member's own training time is its record's train_seconds.
+      'trained_now': trained,
       'wall_seconds': time.time() - start,
       'jax': f'{jax.__version__}, {jax.default_backend()} x '
              f'{jax.device_count()}',

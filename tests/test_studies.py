@@ -133,6 +133,8 @@ def test_slack_study_code_convention_and_noop_rerun(tmp_path, image_root,
   monkeypatch.setattr(train, 'train_and_evaluate', refuse)
   monkeypatch.setattr(tightness_lib, 'measure_tightness', refuse)
   again = _run('slack', ['p_code0.3', 'p_code0.7'], tmp_path, image_root)
+  assert results['trained_now'] == ['p_code0.3', 'p_code0.7']
+  assert again['trained_now'] == []
   assert [r['clean_accuracy'] for r in again['members']] == [
       r['clean_accuracy'] for r in results['members']]
 
