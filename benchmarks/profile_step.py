@@ -184,13 +184,12 @@ def _gap_to_torch(rows: list[dict]) -> list[str]:
             'adam', 'step'}
   if not needed <= set(jax_cpu) or not torch_cpu:
     return []
+  network_parts = ('conv forward', 'conv backward', 'matmul')
   jax_net = jax_cpu['forward + all grads']
-  torch_net = sum(torch_cpu.get(k, 0.0) for k in
-                  ('conv forward', 'conv backward', 'matmul'))
+  torch_net = sum(torch_cpu.get(k, 0.0) for k in network_parts)
   jax_rest = sum(jax_cpu[k] for k in ('power iteration', 'bound + grad',
                                       'loss', 'adam'))
-  torch_rest = sum(v for k, v in torch_cpu.items()
-                   if k not in ('conv forward', 'conv backward', 'matmul'))
+  torch_rest = sum(v for k, v in torch_cpu.items() if k not in network_parts)
   return ['', f"* Where the gap is, in CPU time: JAX's step "
           f"{jax_cpu['step']:.0f} ms, of which the network's forward and all "
           f"its gradients (convolutions, MinMax and their gradients) "

@@ -69,13 +69,13 @@ def report(results, output_dir: str) -> study.Report:
   paired = _paired(results['members'])
   rows, gains, trivial = [], {}, {}
   for eps, by_method in paired.items():
-    cll, gloro = by_method.get('cll'), by_method.get('gloro')
+    members = {m: by_method.get(m) for m in METHODS}
+    cll, gloro = members['cll'], members['gloro']
     cra = {m: None if r is None else r['cra_train_eps']
-           for m, r in (('cll', cll), ('gloro', gloro))}
+           for m, r in members.items()}
     gain = relative_gain(cra['cll'], cra['gloro'])
     gains[f'{eps:g}'] = gain
-    flagged = [m for m, r in (('cll', cll), ('gloro', gloro))
-               if is_trivial_classifier(r)]
+    flagged = [m for m, r in members.items() if is_trivial_classifier(r)]
     if flagged:
       trivial[f'{eps:g}'] = flagged
     mark = {m: ' *' if m in flagged else '' for m in METHODS}
